@@ -1,0 +1,102 @@
+// Counter-based normal noise: Philox4x32-10 (Salmon, Moraes, Dror, Shaw, "Parallel random numbers: as
+// easy as 1, 2, 3", SC'11) and the Box-Muller transform. The same stream on every backend (the torch
+// reference is fastdiff/random.py, the Triton one triton_kernels/random.py):
+//   key     = the 64-bit seed of sample n            (so the noise never depends on the batch)
+//   counter = (g mod 2^32, g >> 32, step, stream)     g = i / 4, i = element index inside the sample
+//   normals = Box-Muller of the 4 words: (w0, w1) -> z[4g], z[4g+1];  (w2, w3) -> z[4g+2], z[4g+3]
+// The transcendental functions are our own small polynomials on reduced ranges, so CPU loops vectorise
+// and every backend computes the same thing (Cephes single-precision coefficients).
+#pragma once
+#include <cmath>
+
+#include "fastdiff/common.cuh"
+
+namespace fastdiff {
+
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
+
+FD_HD FD_INLINE uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t& hi) {
+#if defined(__CUDA_ARCH__)
+  hi = __umulhi(a, b);
+  return a * b;
+#else
+  const uint64_t p = uint64_t(a) * uint64_t(b);
+  hi = uint32_t(p >> 32);
+  return uint32_t(p);
+#endif
+}
+
+// Ten rounds of Philox4x32 on counter c with key (k0, k1), in place.
+FD_HD FD_INLINE void philox4x32_10(uint32_t (&c)[4], uint32_t k0, uint32_t k1) {
+FD_UNROLL
+  for (int r = 0; r < 10; ++r) {
+    uint32_t hi0, hi1;
+    const uint32_t lo0 = mulhilo32(kPhiloxM0, c[0], hi0);
+    const uint32_t lo1 = mulhilo32(kPhiloxM1, c[2], hi1);
+    c[0] = hi1 ^ c[1] ^ k0;
+    c[1] = lo1;
+    c[2] = hi0 ^ c[3] ^ k1;
+    c[3] = lo0;
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+}
+
+// Top 23 bits -> (k + 0.5) * 2^-23, exactly representable: u in [2^-24, 1 - 2^-24], never 0 or 1.
+FD_HD FD_INLINE float uniform_open(uint32_t w) { return float(w >> 9) * 0x1p-23f + 0x1p-24f; }
+
+// Natural log for positive normal floats (Cephes logf: m in [sqrt(1/2), sqrt(2)), degree-9 polynomial).
+FD_HD FD_INLINE float log_pos(float v) {
+  const uint32_t b = float_bits(v);
+  float e = float(int(b >> 23) - 126);                 // v = m * 2^e, m in [0.5, 1)
+  float m = bits_float((b & 0x007fffffu) | 0x3f000000u);
+  const bool small = m < 0.70710678118654752f;
+  e = small ? e - 1.0f : e;
+  const float f = (small ? m + m : m) - 1.0f;
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  y = y - 2.12194440e-4f * e;                          // ln 2 = 0.693359375 - 2.12194440e-4
+  y = y - 0.5f * z;
+  return (f + y) + 0.693359375f * e;
+}
+
+// cos(2*pi*u), sin(2*pi*u) for u in [0, 1]. The quadrant comes exactly from 4u (no rounding of 2*pi*u),
+// then Cephes sinf/cosf polynomials on [-pi/4, pi/4].
+FD_HD FD_INLINE void sincos_2pi(float u, float& c_out, float& s_out) {
+  const float t = 4.0f * u;
+  const float q = float(int(t + 0.5f));                // nearest quadrant, 0..4
+  const float a = (t - q) * 1.57079632679489662f;      // |a| <= pi/4
+  const float z = a * a;
+  const float s = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * a + a;
+  const float c = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z
+                  - 0.5f * z + 1.0f;
+  const int k = int(q) & 3;
+  c_out = k == 0 ? c : k == 1 ? -s : k == 2 ? -c : s;
+  s_out = k == 0 ? s : k == 1 ? c : k == 2 ? -s : -c;
+}
+
+// The four standard normals of group g (elements 4g..4g+3) for this seed, step and stream.
+FD_HD FD_INLINE void philox_normal4(uint64_t seed, uint64_t g, uint32_t step, uint32_t stream, float (&z)[4]) {
+  uint32_t c[4] = {uint32_t(g), uint32_t(g >> 32), step, stream};
+  philox4x32_10(c, uint32_t(seed), uint32_t(seed >> 32));
+FD_UNROLL
+  for (int p = 0; p < 2; ++p) {
+    const float r = sqrtf(-2.0f * log_pos(uniform_open(c[2 * p])));
+    float cs, sn;
+    sincos_2pi(uniform_open(c[2 * p + 1]), cs, sn);
+    z[2 * p] = r * cs;
+    z[2 * p + 1] = r * sn;
+  }
+}
+
+}  // namespace fastdiff

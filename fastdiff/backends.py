@@ -1,0 +1,85 @@
+"""Which backends run here, and which one an op uses (DESIGN.md, "Contracts every op keeps").
+
+``cuda`` and ``cpu`` are the native module ``fastdiff._C``; ``triton`` runs on CUDA tensors, and on CPU
+tensors only under ``TRITON_INTERPRET=1`` (tests); ``torch`` is the reference and always works.
+Automatic choice: CUDA tensors -> cuda, else triton, else torch; CPU tensors -> cpu, else torch.
+``backend=`` or ``FASTDIFF_BACKEND`` forces one, and a forced backend that cannot run raises.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpu", "torch")
+_AUTO = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+
+@functools.lru_cache(maxsize=None)
+def native():
+    """(fastdiff._C or None, why not)."""
+    try:
+        from fastdiff import _C
+    except ImportError as exc:  # not built, or built for another Python
+        return None, f"fastdiff._C is not importable ({exc}); build it with `pip install -e .`"
+    return _C, ""
+
+
+@functools.lru_cache(maxsize=None)
+def triton_kernels():
+    """(fastdiff.triton_kernels or None, why not). Imported on first use: triton is slow to import."""
+    try:
+        import fastdiff.triton_kernels as tk
+    except ImportError as exc:
+        return None, f"triton is not importable ({exc}); `pip install triton`"
+    return tk, ""
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _status(name: str, device_type: str, interpret: bool) -> tuple[bool, str]:
+    if name == "torch":
+        return True, ""
+    if name in ("cpu", "cuda"):
+        if device_type != name:
+            return False, f"the {name} backend runs on {name} tensors, got {device_type} tensors"
+        mod, why = native()
+        if mod is None:
+            return False, why
+        if name == "cuda" and not mod.with_cuda:
+            return False, "fastdiff._C was built without CUDA (nvcc not found, or FASTDIFF_NO_CUDA=1)"
+        return True, ""
+    if name == "triton":
+        if device_type == "cpu" and not interpret:
+            return False, "triton runs on CPU tensors only under TRITON_INTERPRET=1"
+        if device_type not in ("cpu", "cuda"):
+            return False, f"triton runs on cuda tensors, got {device_type} tensors"
+        mod, why = triton_kernels()
+        return (mod is not None), why
+    raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
+
+
+def status(name: str, device: torch.device | str) -> tuple[bool, str]:
+    """(whether backend `name` can run on tensors of `device`, why not)."""
+    return _status(name, torch.device(device).type, triton_interpret())
+
+
+def choose(device: torch.device, backend: str | None = None) -> str:
+    """The backend an op runs on for tensors on `device`."""
+    forced = backend or os.environ.get("FASTDIFF_BACKEND") or None
+    if forced is not None:
+        if forced not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {forced!r}")
+        ok, why = _status(forced, device.type, triton_interpret())
+        if not ok:
+            raise RuntimeError(f"backend {forced!r} was requested but cannot run here: {why}")
+        return forced
+    for name in _AUTO.get(device.type, ("torch",)):
+        if _status(name, device.type, triton_interpret())[0]:
+            return name
+    return "torch"

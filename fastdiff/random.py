@@ -1,0 +1,112 @@
+"""Counter-based noise: Philox4x32-10 (Salmon et al., SC'11) and Box-Muller, in pure torch.
+
+This is the reference of the stream that every backend draws in its kernels
+(``csrc/include/fastdiff/philox.cuh``, ``triton_kernels/random.py``)::
+
+    key     = seed of sample n (64 bits)             -> noise never depends on the batch
+    counter = (g mod 2**32, g >> 32, step, stream)    g = i // 4, i = element index inside the sample
+    z[4g], z[4g+1]   = Box-Muller(u(w0), u(w1))       u(w) = ((w >> 9) + 0.5) * 2**-23, in (0, 1)
+    z[4g+2], z[4g+3] = Box-Muller(u(w2), u(w3))
+
+The kernels evaluate log/cos/sin with small float32 polynomials; this reference uses float64, so the
+streams agree to about 1e-6 (tests/test_random.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from fastdiff import layout
+
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57  # round multipliers
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key increments
+_MASK32 = 0xFFFFFFFF
+_MASK64 = (1 << 64) - 1
+
+
+def philox4x32_10(counter: Sequence[torch.Tensor], key: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Ten Philox4x32 rounds. Words are int64 tensors holding uint32 values (broadcastable).
+
+    A 32x32-bit product fits in 64 bits; int64 multiplication wraps, so its low and high words are exact.
+    """
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(10):
+        p0, p1 = PHILOX_M0 * c0, PHILOX_M1 * c2
+        hi0, lo0 = (p0 >> 32) & _MASK32, p0 & _MASK32
+        hi1, lo1 = (p1 >> 32) & _MASK32, p1 & _MASK32
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + PHILOX_W0) & _MASK32, (k1 + PHILOX_W1) & _MASK32
+    return [c0, c1, c2, c3]
+
+
+def uniform_open(w: torch.Tensor) -> torch.Tensor:
+    """uint32 word -> ((w >> 9) + 0.5) * 2**-23: the 2**23 centres of (0, 1), exact in float32."""
+    return ((w >> 9).to(torch.float64) + 0.5) * 2.0**-23
+
+
+def box_muller(u0: torch.Tensor, u1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two independent N(0, 1) from two uniforms in (0, 1)."""
+    r = torch.sqrt(-2.0 * torch.log(u0))
+    theta = 2.0 * math.pi * u1
+    return r * torch.cos(theta), r * torch.sin(theta)
+
+
+def _seed_tensor(seeds: torch.Tensor | Sequence[int] | int, batch: int | None, device) -> torch.Tensor:
+    if isinstance(seeds, int):
+        if batch is None:
+            raise ValueError("seeds: an int seed needs the batch size to derive per-sample seeds")
+        return sample_seeds(seeds, batch, device=device)
+    t = torch.as_tensor(seeds, device=device)
+    if t.dtype != torch.int64 or t.dim() != 1:
+        raise TypeError(f"seeds: expected a 1-D int64 tensor, got {t.dtype} of shape {tuple(t.shape)}")
+    return t
+
+
+def randn(
+    seeds: torch.Tensor | Sequence[int] | int,
+    numel: int,
+    *,
+    step: int = 0,
+    stream: int = layout.STREAM_STEP,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The stream's normals for every sample: ``[len(seeds), numel]``, sample n keyed by seeds[n]."""
+    if numel < 0:
+        raise ValueError(f"numel: expected >= 0, got {numel}")
+    seeds = _seed_tensor(seeds, None, device)
+    dev = seeds.device if device is None else torch.device(device)
+    seeds = seeds.to(dev)
+    groups = torch.arange((numel + 3) // 4, device=dev, dtype=torch.int64)
+    key = [(seeds & _MASK32)[:, None], ((seeds >> 32) & _MASK32)[:, None]]
+    counter = [groups & _MASK32, groups >> 32, torch.tensor(step & _MASK32, device=dev),
+               torch.tensor(stream & _MASK32, device=dev)]
+    w = philox4x32_10(counter, key)
+    z0, z1 = box_muller(uniform_open(w[0]), uniform_open(w[1]))
+    z2, z3 = box_muller(uniform_open(w[2]), uniform_open(w[3]))
+    z = torch.stack((z0, z1, z2, z3), dim=-1).reshape(seeds.shape[0], -1)[:, :numel]
+    return z.to(dtype)
+
+
+def _splitmix64(v: int) -> int:
+    v = (v + 0x9E3779B97F4A7C15) & _MASK64
+    v = ((v ^ (v >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    v = ((v ^ (v >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return v ^ (v >> 31)
+
+
+def sample_seeds(seed: int, batch: int, *, start: int = 0, device=None) -> torch.Tensor:
+    """Per-sample Philox keys derived from one integer seed: sample b gets splitmix64(seed, start + b).
+
+    Sample b's key depends only on (seed, b), so a batch of 7 repeats the first samples of a batch of 1.
+    """
+    if batch < 0:
+        raise ValueError(f"batch: expected >= 0, got {batch}")
+    base = _splitmix64(int(seed) & _MASK64)
+    keys = [_splitmix64(base ^ (start + b)) for b in range(batch)]
+    signed = [k - (1 << 64) if k >= 1 << 63 else k for k in keys]
+    return torch.tensor(signed, dtype=torch.int64, device=device)

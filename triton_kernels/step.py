@@ -1,0 +1,173 @@
+"""The step kernel family in Triton (the contract: fastdiff/reference/step.py; the CUDA/CPU twin:
+csrc/include/fastdiff/step.cuh). One program = BLOCK elements of one sample; every term is a constexpr,
+so each combination of terms compiles to a kernel without dead loads."""
+
+import triton
+import triton.language as tl
+
+from fastdiff import layout as L
+from fastdiff.triton_kernels.random import normal_block
+
+_BLOCK = 1024
+_MAX_GRID_Y = 65535
+
+
+@triton.jit
+def _coef(row_ptr, j: tl.constexpr, valid):
+    """Coefficient j of the sample's row; NaN for a row outside the table (loud, never a silent clamp)."""
+    return tl.load(row_ptr + j, mask=valid, other=float("nan"))
+
+
+@triton.jit
+def _load(ptr, offs, mask):
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _output(k: tl.constexpr, row_ptr, valid, x, e0, e1, x0, m0, m1, m2, last, off, row, z,
+            HAS_X: tl.constexpr, N_E: tl.constexpr, N_M: tl.constexpr, HAS_LAST: tl.constexpr,
+            HAS_OFFSET: tl.constexpr, HAS_ROW: tl.constexpr, HAS_NOISE: tl.constexpr):
+    """out_k = CX*x + CE0*e0 + CE1*e1 + CX0*x0 + CMj*m_j + CLAST*x_last + COFF*offset + CROW*row + CZ*s*z."""
+    base: tl.constexpr = L.OUT + k * L.PER_OUT
+    o = _coef(row_ptr, base + L.CX0, valid) * x0
+    if HAS_X:
+        o += _coef(row_ptr, base + L.CX, valid) * x
+    if N_E > 0:
+        o += _coef(row_ptr, base + L.CE0, valid) * e0
+    if N_E > 1:
+        o += _coef(row_ptr, base + L.CE1, valid) * e1
+    if N_M > 0:
+        o += _coef(row_ptr, base + L.CM0, valid) * m0
+    if N_M > 1:
+        o += _coef(row_ptr, base + L.CM1, valid) * m1
+    if N_M > 2:
+        o += _coef(row_ptr, base + L.CM2, valid) * m2
+    if HAS_LAST:
+        o += _coef(row_ptr, base + L.CLAST, valid) * last
+    if HAS_OFFSET:
+        o += _coef(row_ptr, base + L.COFF, valid) * off
+    if HAS_ROW:
+        o += _coef(row_ptr, base + L.CROW, valid) * row
+    if HAS_NOISE:
+        o += _coef(row_ptr, base + L.CZ, valid) * z
+    return o
+
+
+@triton.jit
+def _step_kernel(
+    coef_ptr, coef_rows, row, rows_ptr, rows_len,
+    x_ptr, e0_ptr, e1_ptr, eu0_ptr, eu1_ptr, m0_ptr, m1_ptr, m2_ptr, last_ptr,
+    offset_ptr, idx_ptr, rowtab_ptr, vartab_ptr, table_rows,
+    noise_ptr, seeds_ptr, noise_step, noise_stream,
+    out0_ptr, out1_ptr, out2_ptr,
+    D,
+    HAS_ROWS: tl.constexpr, HAS_X: tl.constexpr, N_E: tl.constexpr, GUIDED: tl.constexpr, N_M: tl.constexpr,
+    HAS_LAST: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_ROW: tl.constexpr, HAS_VAR: tl.constexpr,
+    NOISE: tl.constexpr, CLAMP: tl.constexpr, N_OUT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < D
+    at = n * D + offs
+
+    # the sample's plan row
+    if HAS_ROWS:
+        r = tl.load(rows_ptr + tl.where(rows_len == 1, 0, n))
+    else:
+        r = row + n * 0
+    valid = (r >= 0) & (r < coef_rows)
+    row_ptr = coef_ptr + tl.where(valid, r, 0) * L.NUM_COEF
+
+    x = _load(x_ptr, at, mask) if HAS_X else 0.0
+    e0 = _load(e0_ptr, at, mask) if N_E > 0 else 0.0
+    e1 = _load(e1_ptr, at, mask) if N_E > 1 else 0.0
+    if GUIDED:  # classifier-free guidance: e = uncond + g*(cond - uncond)
+        g = _coef(row_ptr, L.G, valid)
+        if N_E > 0:
+            u0 = _load(eu0_ptr, at, mask)
+            e0 = u0 + g * (e0 - u0)
+        if N_E > 1:
+            u1 = _load(eu1_ptr, at, mask)
+            e1 = u1 + g * (e1 - u1)
+    # data prediction x0 = clamp(AX*x + AE0*e0 + AE1*e1, -R, R)
+    x0 = tl.zeros([BLOCK], tl.float32)
+    if HAS_X:
+        x0 += _coef(row_ptr, L.AX, valid) * x
+    if N_E > 0:
+        x0 += _coef(row_ptr, L.AE0, valid) * e0
+    if N_E > 1:
+        x0 += _coef(row_ptr, L.AE1, valid) * e1
+    if CLAMP:
+        rr = _coef(row_ptr, L.R, valid)
+        x0 = tl.minimum(tl.maximum(x0, -rr), rr)
+
+    m0 = _load(m0_ptr, at, mask) if N_M > 0 else 0.0
+    m1 = _load(m1_ptr, at, mask) if N_M > 1 else 0.0
+    m2 = _load(m2_ptr, at, mask) if N_M > 2 else 0.0
+    last = _load(last_ptr, at, mask) if HAS_LAST else 0.0
+    off = tl.load(offset_ptr + n) if HAS_OFFSET else 0.0
+
+    rowv = 0.0
+    if HAS_ROW or HAS_VAR:
+        k = tl.load(idx_ptr + n)
+        kvalid = (k >= 0) & (k < table_rows)
+        tab_at = tl.where(kvalid, k, 0) * D + offs
+        if HAS_ROW:
+            rowv = tl.where(kvalid, _load(rowtab_ptr, tab_at, mask), float("nan"))
+    z = 0.0
+    if NOISE == 1:
+        z = _load(noise_ptr, at, mask)
+    if NOISE == 2:
+        z = normal_block(tl.load(seeds_ptr + n), pid.to(tl.int64) * (BLOCK // 4), noise_step, noise_stream, BLOCK)
+    if NOISE > 0 and HAS_VAR:  # gathered std sqrt(max(VAR - var, 0)) (DDIM-GMM, clipped at 0)
+        var = tl.where(kvalid, _load(vartab_ptr, tab_at, mask), float("nan"))
+        z = z * tl.sqrt_rn(tl.maximum(_coef(row_ptr, L.VAR, valid) - var, 0.0))
+
+    HAS_NOISE: tl.constexpr = NOISE > 0
+    o = _output(0, row_ptr, valid, x, e0, e1, x0, m0, m1, m2, last, off, rowv, z,
+                HAS_X, N_E, N_M, HAS_LAST, HAS_OFFSET, HAS_ROW, HAS_NOISE)
+    tl.store(out0_ptr + at, o.to(out0_ptr.dtype.element_ty), mask=mask)
+    if N_OUT > 1:
+        o = _output(1, row_ptr, valid, x, e0, e1, x0, m0, m1, m2, last, off, rowv, z,
+                    HAS_X, N_E, N_M, HAS_LAST, HAS_OFFSET, HAS_ROW, HAS_NOISE)
+        tl.store(out1_ptr + at, o.to(out1_ptr.dtype.element_ty), mask=mask)
+    if N_OUT > 2:
+        o = _output(2, row_ptr, valid, x, e0, e1, x0, m0, m1, m2, last, off, rowv, z,
+                    HAS_X, N_E, N_M, HAS_LAST, HAS_OFFSET, HAS_ROW, HAS_NOISE)
+        tl.store(out2_ptr + at, o.to(out2_ptr.dtype.element_ty), mask=mask)
+
+
+def launch(a, outs) -> None:
+    """Run validated ``fastdiff.ops.step.StepArgs`` writing ``outs`` (one launch per 65535 samples)."""
+    D = a.numel
+    e = list(a.e) + [None] * (2 - len(a.e))
+    eu = list(a.e_uncond or []) + [None] * (2 - len(a.e_uncond or []))
+    m = list(a.m) + [None] * (3 - len(a.m))
+    o = list(outs) + [None] * (3 - len(outs))
+    table = a.row_table if a.row_table is not None else a.var_table
+    noise_kind = 1 if a.noise is not None else 2 if a.seeds is not None else 0
+    dummy = a.coef
+    for b0 in range(0, a.batch, _MAX_GRID_Y):
+        b1 = min(a.batch, b0 + _MAX_GRID_Y)
+
+        def per_sample(t):  # this launch's samples, or a placeholder the kernel never reads
+            return dummy if t is None else t[b0:b1]
+
+        rows = a.rows if a.rows is None or a.rows.shape[0] == 1 else a.rows[b0:b1]
+        grid = (triton.cdiv(D, _BLOCK), b1 - b0)
+        _step_kernel[grid](
+            a.coef, a.coef.shape[0], a.row, dummy if rows is None else rows, 0 if rows is None else rows.shape[0],
+            per_sample(a.x), per_sample(e[0]), per_sample(e[1]), per_sample(eu[0]), per_sample(eu[1]),
+            per_sample(m[0]), per_sample(m[1]), per_sample(m[2]), per_sample(a.x_last),
+            per_sample(a.offset), per_sample(a.idx),
+            dummy if a.row_table is None else a.row_table, dummy if a.var_table is None else a.var_table,
+            0 if table is None else table.shape[0],
+            per_sample(a.noise), per_sample(a.seeds), a.noise_step & 0xFFFFFFFF, a.noise_stream & 0xFFFFFFFF,
+            per_sample(o[0]), per_sample(o[1]), per_sample(o[2]),
+            D,
+            HAS_ROWS=rows is not None, HAS_X=a.x is not None, N_E=len(a.e), GUIDED=a.e_uncond is not None,
+            N_M=len(a.m), HAS_LAST=a.x_last is not None, HAS_OFFSET=a.offset is not None,
+            HAS_ROW=a.row_table is not None, HAS_VAR=a.var_table is not None, NOISE=noise_kind,
+            CLAMP=a.clamp, N_OUT=a.n_out, BLOCK=_BLOCK, num_warps=4,
+        )
