@@ -4,6 +4,7 @@
 // x86-64-v3 (AVX2/FMA) and x86-64-v4 (AVX-512) and picked at run time (GCC target_clones), as numpy does.
 #include <algorithm>
 #include <stdexcept>
+#include <type_traits>
 
 #include "fastdiff/step.cuh"
 
@@ -21,19 +22,28 @@ namespace fastdiff {
 namespace cpu {
 namespace {
 
-constexpr int kChunk = 256;  // elements per task: 16 fp32 lanes of 1 KiB, all in L1
+constexpr int kChunk = 256;  // elements per task: six fp32 lane arrays of 1 KiB, all in L1
 
+// Full chunks take fixed-length loops (inlined, vectorised); only a sample's last chunk is partial.
 template <typename T>
 FD_INLINE void load(const void* base, int64_t off, int n, float (&dst)[kChunk]) {
-  const T* p = static_cast<const T*>(base) + off;
-  for (int j = 0; j < n; ++j) dst[j] = to_float(p[j]);
-  for (int j = n; j < kChunk; ++j) dst[j] = 0.0f;
+  const T* __restrict__ p = static_cast<const T*>(base) + off;
+  if (n == kChunk) {
+    for (int j = 0; j < kChunk; ++j) dst[j] = to_float(p[j]);
+  } else {
+    for (int j = 0; j < n; ++j) dst[j] = to_float(p[j]);
+    for (int j = n; j < kChunk; ++j) dst[j] = 0.0f;
+  }
 }
 
 template <typename T>
 FD_INLINE void store(void* base, int64_t off, int n, const float (&src)[kChunk]) {
-  T* p = static_cast<T*>(base) + off;
-  for (int j = 0; j < n; ++j) p[j] = from_float<T>(src[j]);
+  T* __restrict__ p = static_cast<T*>(base) + off;
+  if (n == kChunk) {
+    for (int j = 0; j < kChunk; ++j) p[j] = from_float<T>(src[j]);
+  } else {
+    for (int j = 0; j < n; ++j) p[j] = from_float<T>(src[j]);
+  }
 }
 
 // One table row (row_table or var_table) of component k = idx[n]; NaN for an index outside the table.
@@ -46,52 +56,83 @@ FD_INLINE void load_table(const float* table, int64_t k, const StepParams& p, in
   load<float>(table, k * p.numel + i0, n, dst);
 }
 
+// The loads step_lanes asks for, for chunk [i0, i0 + len) of sample n. A struct, not a lambda, so that
+// it inlines into each target clone and vectorises for that ISA. A full fp32 chunk is read in place.
 template <typename T>
-FD_INLINE void step_chunk(const StepParams& p, const StepTerms& t, int64_t n, int64_t i0, int len) {
-  float c[kNumCoef];
-  const int64_t r = step_row(p, n);
-  for (int j = 0; j < kNumCoef; ++j) c[j] = step_coef(p, r, j);
+struct ChunkLoader {
+  const StepParams& p;
+  int64_t n, i0;
+  int len;
 
-  StepLanes<kChunk> L;
-  const int64_t off = n * p.numel + i0;
-  if (t.x) load<T>(p.x, off, len, L.x);
-  const void* e[2] = {p.e0, p.e1};
-  const void* eu[2] = {p.eu0, p.eu1};
-  for (int i = 0; i < t.n_e; ++i) {
-    load<T>(e[i], off, len, L.e[i]);
-    if (t.guided) load<T>(eu[i], off, len, L.eu[i]);
+  FD_INLINE const float* operator()(int in, float (&buf)[kChunk]) const {
+    const void* src = nullptr;
+    switch (in) {
+      case kInX: src = p.x; break;
+      case kInE0: src = p.e0; break;
+      case kInE1: src = p.e1; break;
+      case kInEU0: src = p.eu0; break;
+      case kInEU1: src = p.eu1; break;
+      case kInM0: src = p.m0; break;
+      case kInM1: src = p.m1; break;
+      case kInM2: src = p.m2; break;
+      case kInLast: src = p.x_last; break;
+      case kInRow:
+      case kInVar:
+        load_table(in == kInRow ? p.row_table : p.var_table, p.idx[n], p, i0, len, buf);
+        return buf;
+      default:
+        if (p.noise) {
+          src = p.noise;
+          break;
+        }
+        philox_lanes<kChunk>(uint64_t(p.seeds[n]), i0, uint32_t(p.noise_step), uint32_t(p.noise_stream), buf);
+        return buf;
+    }
+    const int64_t off = n * p.numel + i0;
+    if (std::is_same<T, float>::value && len == kChunk) return static_cast<const float*>(src) + off;
+    load<T>(src, off, len, buf);
+    return buf;
   }
-  const void* m[3] = {p.m0, p.m1, p.m2};
-  for (int i = 0; i < t.n_m; ++i) load<T>(m[i], off, len, L.m[i]);
-  if (t.last) load<T>(p.x_last, off, len, L.last);
-  L.offset = t.offset ? p.offset[n] : 0.0f;
-  if (t.row) load_table(p.row_table, p.idx[n], p, i0, len, L.row);
-  if (t.var) load_table(p.var_table, p.idx[n], p, i0, len, L.var);
-  if (p.noise) {
-    load<T>(p.noise, off, len, L.z);
-  } else if (p.seeds) {
-    philox_lanes<kChunk>(uint64_t(p.seeds[n]), i0, uint32_t(p.noise_step), uint32_t(p.noise_stream), L.z);
-  }
+};
 
+template <typename T, int NOUT>
+FD_INLINE void step_chunk(const StepParams& p, const StepTerms& t, const float* c, int64_t n, int64_t i0, int len) {
+  ChunkLoader<T> loader{p, n, i0, len};
   float out[kMaxOut][kChunk];
-  step_lanes<kChunk>(c, t, L, out);
+  step_lanes<kChunk, NOUT>(c, t, t.offset ? p.offset[n] : 0.0f, loader, out);
   void* dst[kMaxOut] = {p.out0, p.out1, p.out2};
-  for (int k = 0; k < t.n_out; ++k) store<T>(dst[k], off, len, out[k]);
+  for (int k = 0; k < NOUT; ++k) store<T>(dst[k], n * p.numel + i0, len, out[k]);
 }
 
-template <typename T>
+template <typename T, int NOUT>
 FD_INLINE void run_chunks(const StepParams& p, int64_t c0, int64_t c1) {
   const StepTerms t = step_terms(p);
   const int64_t per_sample = (p.numel + kChunk - 1) / kChunk;
+  float coef[kNumCoef];
+  int64_t coef_n = -1;
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t n = c / per_sample, i0 = (c % per_sample) * kChunk;
-    step_chunk<T>(p, t, n, i0, int(std::min<int64_t>(kChunk, p.numel - i0)));
+    if (n != coef_n) {  // the sample's plan row, read once per sample
+      const int64_t r = step_row(p, n);
+      for (int j = 0; j < kNumCoef; ++j) coef[j] = step_coef(p, r, j);
+      coef_n = n;
+    }
+    step_chunk<T, NOUT>(p, t, coef, n, i0, int(std::min<int64_t>(kChunk, p.numel - i0)));
   }
 }
 
-FD_CLONES void run_chunks_f32(const StepParams& p, int64_t c0, int64_t c1) { run_chunks<float>(p, c0, c1); }
-FD_CLONES void run_chunks_f16(const StepParams& p, int64_t c0, int64_t c1) { run_chunks<half_t>(p, c0, c1); }
-FD_CLONES void run_chunks_bf16(const StepParams& p, int64_t c0, int64_t c1) { run_chunks<bf16_t>(p, c0, c1); }
+template <typename T>
+FD_INLINE void run_chunks_any(const StepParams& p, int64_t c0, int64_t c1) {
+  switch (p.n_out) {
+    case 1: return run_chunks<T, 1>(p, c0, c1);
+    case 2: return run_chunks<T, 2>(p, c0, c1);
+    default: return run_chunks<T, 3>(p, c0, c1);
+  }
+}
+
+FD_CLONES void run_chunks_f32(const StepParams& p, int64_t c0, int64_t c1) { run_chunks_any<float>(p, c0, c1); }
+FD_CLONES void run_chunks_f16(const StepParams& p, int64_t c0, int64_t c1) { run_chunks_any<half_t>(p, c0, c1); }
+FD_CLONES void run_chunks_bf16(const StepParams& p, int64_t c0, int64_t c1) { run_chunks_any<bf16_t>(p, c0, c1); }
 
 }  // namespace
 

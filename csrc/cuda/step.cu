@@ -59,7 +59,7 @@ __device__ FD_INLINE void load_table(const float* table, int64_t k, const StepPa
 }
 
 // grid = (ceil(D / (kThreads*N)), min(B, 65535)); a block walks samples blockIdx.y, + gridDim.y, ...
-template <typename T, int N>
+template <typename T, int N, int NOUT>
 __global__ void __launch_bounds__(kThreads) step_kernel(const StepParams p, const StepTerms t, bool vec) {
   __shared__ float c[kNumCoef];
   const int64_t i0 = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * N;
@@ -70,29 +70,24 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepParams p, cons
     __syncthreads();
     if (len == 0) continue;
     const int64_t off = n * p.numel + i0;
-    StepLanes<N> L;
-    if (t.x) load<T, N>(p.x, off, len, vec, L.x);
-    if (t.n_e > 0) load<T, N>(p.e0, off, len, vec, L.e[0]);
-    if (t.n_e > 1) load<T, N>(p.e1, off, len, vec, L.e[1]);
-    if (t.guided && t.n_e > 0) load<T, N>(p.eu0, off, len, vec, L.eu[0]);
-    if (t.guided && t.n_e > 1) load<T, N>(p.eu1, off, len, vec, L.eu[1]);
-    if (t.n_m > 0) load<T, N>(p.m0, off, len, vec, L.m[0]);
-    if (t.n_m > 1) load<T, N>(p.m1, off, len, vec, L.m[1]);
-    if (t.n_m > 2) load<T, N>(p.m2, off, len, vec, L.m[2]);
-    if (t.last) load<T, N>(p.x_last, off, len, vec, L.last);
-    L.offset = t.offset ? p.offset[n] : 0.0f;
-    if (t.row) load_table<N>(p.row_table, p.idx[n], p, i0, len, vec, L.row);
-    if (t.var) load_table<N>(p.var_table, p.idx[n], p, i0, len, vec, L.var);
-    if (p.noise) {
-      load<T, N>(p.noise, off, len, vec, L.z);
-    } else if (p.seeds) {
-      philox_lanes<N>(uint64_t(p.seeds[n]), i0, uint32_t(p.noise_step), uint32_t(p.noise_stream), L.z);
-    }
+    const void* inputs[] = {p.x, p.e0, p.e1, p.eu0, p.eu1, p.m0, p.m1, p.m2, p.x_last};
+    auto load_input = [&](int in, float(&dst)[N]) -> const float* {  // the loads step_lanes asks for
+      if (in <= kInLast) {
+        load<T, N>(inputs[in], off, len, vec, dst);
+      } else if (in == kInRow || in == kInVar) {
+        load_table<N>(in == kInRow ? p.row_table : p.var_table, p.idx[n], p, i0, len, vec, dst);
+      } else if (p.noise) {
+        load<T, N>(p.noise, off, len, vec, dst);
+      } else {
+        philox_lanes<N>(uint64_t(p.seeds[n]), i0, uint32_t(p.noise_step), uint32_t(p.noise_stream), dst);
+      }
+      return dst;
+    };
     float out[kMaxOut][N];
-    step_lanes<N>(c, t, L, out);
+    step_lanes<N, NOUT>(c, t, t.offset ? p.offset[n] : 0.0f, load_input, out);
     store<T, N>(p.out0, off, len, vec, out[0]);
-    if (t.n_out > 1) store<T, N>(p.out1, off, len, vec, out[1]);
-    if (t.n_out > 2) store<T, N>(p.out2, off, len, vec, out[2]);
+    if (NOUT > 1) store<T, N>(p.out1, off, len, vec, out[1]);
+    if (NOUT > 2) store<T, N>(p.out2, off, len, vec, out[2]);
   }
 }
 
@@ -111,7 +106,11 @@ cudaError_t launch(const StepParams& p, cudaStream_t stream) {
   const int64_t blocks_x = (p.numel + int64_t(kThreads) * N - 1) / (int64_t(kThreads) * N);
   if (blocks_x > 0x7fffffff) return cudaErrorInvalidValue;
   const dim3 grid(unsigned(blocks_x), unsigned(std::min<int64_t>(p.batch, 65535)));
-  step_kernel<T, N><<<grid, kThreads, 0, stream>>>(p, t, vec);
+  switch (p.n_out) {
+    case 1: step_kernel<T, N, 1><<<grid, kThreads, 0, stream>>>(p, t, vec); break;
+    case 2: step_kernel<T, N, 2><<<grid, kThreads, 0, stream>>>(p, t, vec); break;
+    default: step_kernel<T, N, 3><<<grid, kThreads, 0, stream>>>(p, t, vec); break;
+  }
   return cudaGetLastError();
 }
 

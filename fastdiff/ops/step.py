@@ -91,8 +91,9 @@ def _check_coef_host(coef: torch.Tensor, row: int, rows: torch.Tensor | None) ->
 
 
 def validate(
-    coef, x, e, e_uncond, m, x_last, row, rows, offset, idx, row_table, var_table, noise, seeds,
-    noise_step, noise_stream, clamp, n_out, shape,
+    coef, x=None, e=(), e_uncond=None, m=(), x_last=None, row=0, rows=None, offset=None, idx=None,
+    row_table=None, var_table=None, noise=None, seeds=None, noise_step=0, noise_stream=0, clamp=False,
+    n_out=1, shape=None,
 ) -> StepArgs:
     """Check every argument (naming it, with what was expected and what came) and normalise them."""
     e, m = list(e), list(m)
@@ -143,6 +144,10 @@ def validate(
             raise ValueError(f"step: rows must have 1 or {B} (batch) entries, got {rows.shape[0]}")
     if not torch.compiler.is_compiling():
         _check_coef_host(coef, row, rows)
+        if idx is not None and isinstance(idx, torch.Tensor) and idx.device.type == "cpu" and idx.numel():
+            K = next((t.shape[0] for t in (row_table, var_table) if t is not None), None)
+            if K is not None and (int(idx.min()) < 0 or int(idx.max()) >= K):
+                raise ValueError(f"step: idx must lie in [0, {K}) (rows of the tables), got {idx.tolist()}")
     K = None
     tables = []
     for name, t in (("row_table", row_table), ("var_table", var_table)):
@@ -228,7 +233,9 @@ def _run_native(a: StepArgs, outs: list[torch.Tensor], cuda: bool) -> None:
         _C.step_cpu(p)
 
 
-def _run_reference(a: StepArgs, outs: list[torch.Tensor]) -> None:
+def reference_outputs(a: StepArgs, compute_dtype: torch.dtype = torch.float32,
+                      out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """The torch reference's outputs for validated arguments (tests also use float64 / storage dtype)."""
     from fastdiff import reference
 
     B, NC = a.batch, L.NUM_COEF
@@ -238,11 +245,11 @@ def _run_reference(a: StepArgs, outs: list[torch.Tensor]) -> None:
         c = a.coef[a.rows.expand(B) if a.rows.shape[0] == 1 else a.rows]
     z = a.noise
     if z is None and a.seeds is not None:
-        z = fd_random.randn(a.seeds, a.numel, step=a.noise_step, stream=a.noise_stream).reshape(a.shape)
-    res = reference.step(c, a.x, a.e, a.e_uncond, a.m, a.x_last, a.offset, a.idx, a.row_table, a.var_table,
-                         z, a.clamp, a.n_out, shape=a.shape, out_dtype=a.dtype)
-    for o, r in zip(outs, res):
-        o.copy_(r)
+        z = fd_random.randn(a.seeds, a.numel, step=a.noise_step, stream=a.noise_stream,
+                            dtype=torch.float64).reshape(a.shape)
+    return reference.step(c, a.x, a.e, a.e_uncond, a.m, a.x_last, a.offset, a.idx, a.row_table, a.var_table,
+                          z, a.clamp, a.n_out, shape=a.shape, out_dtype=out_dtype or a.dtype,
+                          compute_dtype=compute_dtype)
 
 
 def run(a: StepArgs, outs: list[torch.Tensor], backend: str | None) -> None:
@@ -255,7 +262,8 @@ def run(a: StepArgs, outs: list[torch.Tensor], backend: str | None) -> None:
     elif name == "triton":
         backends.triton_kernels()[0].step.launch(a, outs)
     else:
-        _run_reference(a, outs)
+        for o, r in zip(outs, reference_outputs(a)):
+            o.copy_(r)
 
 
 # ------------------------------------------------------------------------------------------- custom ops

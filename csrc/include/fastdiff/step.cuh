@@ -7,7 +7,7 @@
 // DDIM, DDPM, DPM-Solver++, UniPC, Euler/Heun, DDM, IADB, Mix-DDPM and DDIM-GMM differ only in the
 // coefficients (fastdiff/samplers/*). This header holds the parameters and the arithmetic on a group of
 // N consecutive elements of one sample; the CPU loop (N = a cache-sized chunk) and the CUDA kernel
-// (N = one vector per thread) only load and store around it.
+// (N = one 16-byte vector per thread) supply the loads and store the results.
 #pragma once
 #include <cmath>
 
@@ -85,95 +85,88 @@ FD_HD FD_INLINE float step_coef(const StepParams& p, int64_t r, int j) {
   return (r >= 0 && r < p.coef_rows) ? p.coef[r * kNumCoef + j] : NAN;
 }
 
-// The inputs of N consecutive elements of one sample, already in fp32.
-template <int N>
-struct StepLanes {
-  float x[N];
-  float e[2][N];
-  float eu[2][N];
-  float m[3][N];
-  float last[N];
-  float row[N];
-  float var[N];
-  float z[N];
-  float offset;  // the sample's scalar offset
-};
+// The inputs a step reads, in the order step_lanes asks for them.
+enum StepInput : int { kInX, kInE0, kInE1, kInEU0, kInEU1, kInM0, kInM1, kInM2, kInLast, kInRow, kInVar, kInNoise };
 
-// The arithmetic of one step on N elements; c is the sample's coefficient row. Terms are tested once,
-// outside the lane loops.
-template <int N>
-FD_HD FD_INLINE void step_lanes(const float* __restrict__ c, const StepTerms& t, StepLanes<N>& L,
-                                float (&out)[kMaxOut][N]) {
-  if (t.guided) {  // classifier-free guidance: e = uncond + g*(cond - uncond)
-    const float g = c[kG];
-    for (int i = 0; i < 2; ++i) {
-      if (i < t.n_e) {
-FD_UNROLL
-        for (int j = 0; j < N; ++j) L.e[i][j] = L.eu[i][j] + g * (L.e[i][j] - L.eu[i][j]);
-      }
-    }
+// out_k += c_k[col]*v for the NOUT outputs, and x0 += a_x0*v (X0 = 1) or x0 = a_x0*v (X0 = 2): one pass
+// folds an input in. (Assigning the first x0 term spares a memset, which compiles to a slow `rep stos`.)
+enum X0Fold : int { kX0None = 0, kX0Add = 1, kX0Set = 2 };
+template <int N, int NOUT, int X0>
+FD_HD FD_INLINE void fold(const float* __restrict__ c, float a_x0, int col, const float* __restrict__ v,
+                          float (&x0)[N], float (&out)[kMaxOut][N]) {
+  const float c0 = c[kOut + col], c1 = c[kOut + kPerOut + col], c2 = c[kOut + 2 * kPerOut + col];
+  FD_UNROLL
+  for (int j = 0; j < N; ++j) {
+    if (X0 == kX0Add) x0[j] += a_x0 * v[j];
+    if (X0 == kX0Set) x0[j] = a_x0 * v[j];
+    out[0][j] += c0 * v[j];
+    if (NOUT > 1) out[1][j] += c1 * v[j];
+    if (NOUT > 2) out[2][j] += c2 * v[j];
   }
-  float x0[N];  // data prediction, linear in x and the model outputs for every prediction type
-FD_UNROLL
-  for (int j = 0; j < N; ++j) x0[j] = 0.0f;
+}
+
+// min(max(v, lo), hi) written with comparisons: vectorises on the CPU (fminf would not), keeps NaN.
+FD_HD FD_INLINE float clampf(float v, float lo, float hi) {
+  v = v < lo ? lo : v;
+  return v > hi ? hi : v;
+}
+
+// The arithmetic of one step on N consecutive elements of one sample, for NOUT outputs; c is the
+// sample's coefficient row. `load(input, buf)` returns N fp32 values of an input: buf filled by the
+// backend (dtype conversion, in-kernel noise), or a pointer straight into fp32 memory. Each input is
+// folded into the outputs as soon as it arrives, so at most six lane arrays are live (registers on the
+// GPU, L1 on the CPU) whatever the terms; terms are tested once, outside the lane loops.
+template <int N, int NOUT, class Load>
+FD_HD FD_INLINE void step_lanes(const float* __restrict__ c, const StepTerms& t, float offset, Load& load,
+                                float (&out)[kMaxOut][N]) {
+  float x0[N], buf[N];
+  for (int k = 0; k < NOUT; ++k) {
+    const float base = t.offset ? c[kOut + k * kPerOut + kCOff] * offset : 0.0f;
+    FD_UNROLL
+    for (int j = 0; j < N; ++j) out[k][j] = base;
+  }
   if (t.x) {
-FD_UNROLL
-    for (int j = 0; j < N; ++j) x0[j] = c[kAX] * L.x[j];
+    fold<N, NOUT, kX0Set>(c, c[kAX], kCX, load(kInX, buf), x0, out);
+  } else {
+    FD_UNROLL
+    for (int j = 0; j < N; ++j) x0[j] = 0.0f;
   }
   for (int i = 0; i < 2; ++i) {
-    if (i < t.n_e) {
-      const float a = c[kAE0 + i];
-FD_UNROLL
-      for (int j = 0; j < N; ++j) x0[j] += a * L.e[i][j];
+    if (i >= t.n_e) break;
+    const float* v = load(i == 0 ? kInE0 : kInE1, buf);
+    if (t.guided) {  // classifier-free guidance: e = uncond + g*(cond - uncond)
+      float ubuf[N];
+      const float* u = load(i == 0 ? kInEU0 : kInEU1, ubuf);
+      const float g = c[kG];
+      FD_UNROLL
+      for (int j = 0; j < N; ++j) buf[j] = u[j] + g * (v[j] - u[j]);
+      v = buf;
     }
+    fold<N, NOUT, kX0Add>(c, c[kAE0 + i], kCE0 + i, v, x0, out);
   }
-  if (t.clamp) {
+  if (t.clamp) {  // data prediction x0 = clamp(AX*x + AE0*e0 + AE1*e1, -R, R)
     const float r = c[kR];
-FD_UNROLL
-    for (int j = 0; j < N; ++j) x0[j] = fminf(fmaxf(x0[j], -r), r);
+    FD_UNROLL
+    for (int j = 0; j < N; ++j) x0[j] = clampf(x0[j], -r, r);
   }
-  if (t.noise && t.var) {  // per-element std of the gathered component: clipped at 0 (Gabbur, App. A.5)
-    const float v = c[kVar];
-FD_UNROLL
-    for (int j = 0; j < N; ++j) L.z[j] *= sqrtf(fmaxf(v - L.var[j], 0.0f));
+  fold<N, NOUT, kX0None>(c, 0.0f, kCX0, x0, x0, out);
+  for (int i = 0; i < 3; ++i) {
+    if (i >= t.n_m) break;
+    fold<N, NOUT, kX0None>(c, 0.0f, kCM0 + i, load(kInM0 + i, buf), x0, out);
   }
-  for (int k = 0; k < kMaxOut; ++k) {
-    if (k >= t.n_out) break;
-    const float* ck = c + kOut + k * kPerOut;
-    const float base = t.offset ? ck[kCOff] * L.offset : 0.0f;
-    float* o = out[k];
-FD_UNROLL
-    for (int j = 0; j < N; ++j) o[j] = base + ck[kCX0] * x0[j];
-    if (t.x) {
-FD_UNROLL
-      for (int j = 0; j < N; ++j) o[j] += ck[kCX] * L.x[j];
+  if (t.last) fold<N, NOUT, kX0None>(c, 0.0f, kCLast, load(kInLast, buf), x0, out);
+  if (t.row) fold<N, NOUT, kX0None>(c, 0.0f, kCRow, load(kInRow, buf), x0, out);
+  if (t.noise) {
+    const float* z = load(kInNoise, buf);
+    if (t.var) {  // per-element std of the gathered component, clipped at 0 (Gabbur, App. A.5)
+      float vbuf[N];
+      const float* var = load(kInVar, vbuf);
+      const float s2 = c[kVar];
+      FD_UNROLL
+      for (int j = 0; j < N; ++j) buf[j] = z[j] * sqrtf(clampf(s2 - var[j], 0.0f, INFINITY));
+      z = buf;
     }
-    for (int i = 0; i < 2; ++i) {
-      if (i < t.n_e) {
-        const float a = ck[kCE0 + i];
-FD_UNROLL
-        for (int j = 0; j < N; ++j) o[j] += a * L.e[i][j];
-      }
-    }
-    for (int i = 0; i < 3; ++i) {
-      if (i < t.n_m) {
-        const float a = ck[kCM0 + i];
-FD_UNROLL
-        for (int j = 0; j < N; ++j) o[j] += a * L.m[i][j];
-      }
-    }
-    if (t.last) {
-FD_UNROLL
-      for (int j = 0; j < N; ++j) o[j] += ck[kCLast] * L.last[j];
-    }
-    if (t.row) {
-FD_UNROLL
-      for (int j = 0; j < N; ++j) o[j] += ck[kCRow] * L.row[j];
-    }
-    if (t.noise) {
-FD_UNROLL
-      for (int j = 0; j < N; ++j) o[j] += ck[kCZ] * L.z[j];
-    }
+    fold<N, NOUT, kX0None>(c, 0.0f, kCZ, z, x0, out);
   }
 }
 

@@ -1,0 +1,111 @@
+"""The Philox4x32-10 + Box-Muller stream: known-answer vectors, Triton's own Philox as a second
+implementation, agreement of the backends' streams, N(0, 1) statistics, and batch independence."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import CPU_BACKENDS, require_backend
+from scipy import stats
+
+from fastdiff import layout as L
+from fastdiff import ops
+from fastdiff import random as R
+
+# Random123's kat_vectors (Salmon et al.): counter[4], key[2] -> output[4]
+KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("counter,key,expected", KAT)
+def test_philox_known_answers(counter, key, expected):
+    t = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
+    out = R.philox4x32_10([t(c) for c in counter], [t(k) for k in key])
+    assert tuple(int(w) for w in out) == expected
+
+
+def test_philox_matches_tritons_implementation():
+    require_backend("triton")
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(c_ptr, out_ptr, seed, N: tl.constexpr):
+        i = tl.arange(0, N)
+        c0 = tl.load(c_ptr + 4 * i).to(tl.uint32)
+        c1 = tl.load(c_ptr + 4 * i + 1).to(tl.uint32)
+        c2 = tl.load(c_ptr + 4 * i + 2).to(tl.uint32)
+        c3 = tl.load(c_ptr + 4 * i + 3).to(tl.uint32)
+        w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3)
+        tl.store(out_ptr + 4 * i, w0.to(tl.int64))
+        tl.store(out_ptr + 4 * i + 1, w1.to(tl.int64))
+        tl.store(out_ptr + 4 * i + 2, w2.to(tl.int64))
+        tl.store(out_ptr + 4 * i + 3, w3.to(tl.int64))
+
+    g = torch.Generator().manual_seed(3)
+    counters = torch.randint(0, 2**32, (64, 4), generator=g, dtype=torch.int64)
+    seed = 0x1234_5678_9ABC_DEF0
+    out = torch.empty_like(counters)
+    kernel[(1,)](counters, out, seed, N=64)
+    ref = R.philox4x32_10(list(counters.T), [torch.tensor(seed & 0xFFFFFFFF), torch.tensor(seed >> 32)])
+    assert torch.equal(out, torch.stack(ref, dim=1))
+
+
+def noise_coef():
+    coef = torch.zeros(1, L.NUM_COEF)
+    coef[0, L.out(0, L.CZ)] = 1.0
+    return coef
+
+
+def kernel_noise(backend, seeds, numel, step=0, stream=0):
+    (z,) = ops.step(noise_coef(), seeds=seeds, shape=(len(seeds), numel), noise_step=step, noise_stream=stream,
+                    backend=backend)
+    return z
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("numel,step,stream", [(4099, 0, 0), (37, 12345, 1), (1, 2**32 - 1, 3)])
+def test_backend_streams_agree(backend, numel, step, stream):
+    require_backend(backend)
+    seeds = torch.tensor([0, 1, -1, 2**62 + 7, -(2**40)], dtype=torch.int64)
+    want = R.randn(seeds, numel, step=step, stream=stream, dtype=torch.float64)
+    got = kernel_noise(backend, seeds, numel, step, stream)
+    err = (got.double() - want).abs().max().item()
+    assert err <= 1e-6, f"{backend}: stream differs from the reference by {err:.3g}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_million_draws_are_standard_normal(backend):
+    require_backend(backend)
+    z = kernel_noise(backend, R.sample_seeds(2024, 4), 250_000).double().flatten().numpy()
+    n = z.size
+    assert n == 10**6
+    # 5-sigma bounds of the sample moments of N(0, 1) for n = 1e6
+    assert abs(z.mean()) < 5 / np.sqrt(n)
+    assert abs(z.var() - 1) < 5 * np.sqrt(2 / n)
+    assert abs(stats.skew(z)) < 5 * np.sqrt(6 / n)
+    assert abs(stats.kurtosis(z)) < 5 * np.sqrt(24 / n)
+    ks = stats.kstest(z, "norm")
+    assert ks.statistic < 1.95 / np.sqrt(n), f"KS statistic {ks.statistic:.3g} (p = {ks.pvalue:.3g})"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_sample_noise_does_not_depend_on_the_batch(backend):
+    require_backend(backend)
+    seeds7 = R.sample_seeds(99, 7)
+    assert torch.equal(R.sample_seeds(99, 1), seeds7[:1])
+    z7 = kernel_noise(backend, seeds7, 1030, step=3)
+    for b in (0, 4, 6):
+        z1 = kernel_noise(backend, seeds7[b : b + 1], 1030, step=3)
+        assert torch.equal(z1[0], z7[b]), f"{backend}: sample {b} differs between batches of 1 and 7"
+
+
+def test_steps_and_streams_are_independent():
+    seeds = R.sample_seeds(5, 2)
+    a = R.randn(seeds, 100_000, step=0).flatten()
+    for other in (R.randn(seeds, 100_000, step=1), R.randn(seeds, 100_000, stream=L.STREAM_INIT)):
+        corr = torch.corrcoef(torch.stack([a, other.flatten()]))[0, 1].item()
+        assert abs(corr) < 5 / np.sqrt(a.numel())
