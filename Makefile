@@ -1,0 +1,46 @@
+# The README's two set-up commands: `make demo` and `make test`. Both create .venv when needed (seeing an
+# already installed torch through --system-site-packages; else torch==2.13.0) and install fastdiff.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+BUILD_DEPS := "setuptools>=77" wheel "pybind11>=2.12" "cmake>=3.24" ninja
+NATIVE := pyproject.toml setup.py CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: demo test info bench wheel clean
+
+demo: $(VENV)/.demo
+	$(PY) -m fastdiff demo
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q tests
+
+info: $(VENV)/.demo
+	$(PY) -m fastdiff info
+
+bench: $(VENV)/.test
+	$(PY) bench/bench_ddim.py
+
+wheel: $(VENV)/.tools
+	$(PY) -m pip wheel --no-deps -w dist .
+
+$(PY):
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# torch first (an installed one is kept) and the build tools; then fastdiff itself, which builds fastdiff._C.
+$(VENV)/.tools: | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q $(BUILD_DEPS)
+	touch $@
+
+$(VENV)/.demo: $(VENV)/.tools $(NATIVE)
+	$(PY) -m pip install -q --no-build-isolation -e ".[demo]"
+	touch $@
+
+$(VENV)/.test: $(VENV)/.tools $(NATIVE)
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+clean:
+	rm -rf build dist *.egg-info fastdiff/_C*.so demo_out
