@@ -67,6 +67,7 @@ PYBIND11_MODULE(_C, m) {
 
   py::dict layout;
   layout["G"] = int(fastdiff::kG);
+  layout["AS"] = int(fastdiff::kAS);
   layout["AX"] = int(fastdiff::kAX);
   layout["AE0"] = int(fastdiff::kAE0);
   layout["AE1"] = int(fastdiff::kAE1);

@@ -4,7 +4,7 @@ One float32 row per step (or per step and sample) holds every scalar of the upda
 (DESIGN.md, "One step kernel, many methods")::
 
     e_i   = uncond_i + G*(cond_i - uncond_i)                  (guidance, when on)
-    x0    = clamp(AX*x + AE0*e_0 + AE1*e_1, -R, R)
+    x0    = clamp(AS*(AX*x + AE0*e_0 + AE1*e_1), -R, R)
     s     = sqrt(max(VAR - var_table[idx_n, i], 0))  or 1
     out_k = CX*x + CE0*e_0 + CE1*e_1 + CX0*x0 + CM0*m_0 + CM1*m_1 + CM2*m_2 + CLAST*x_last
           + COFF*offset[n] + CROW*row_table[idx_n, i] + CZ*s*z           (k = 0, 1, 2)
@@ -12,12 +12,12 @@ One float32 row per step (or per step and sample) holds every scalar of the upda
 Mirrors ``csrc/include/fastdiff/layout.h``; ``tests/test_layout.py`` checks that they agree.
 """
 
-G, AX, AE0, AE1, R, VAR, OUT = range(7)
+G, AS, AX, AE0, AE1, R, VAR, OUT = range(8)
 CX, CE0, CE1, CX0, CM0, CM1, CM2, CLAST, COFF, CROW, CZ, PER_OUT = range(12)
 MAX_OUT = 3
 NUM_COEF = 40
 
-ROW_NAMES = ("G", "AX", "AE0", "AE1", "R", "VAR")
+ROW_NAMES = ("G", "AS", "AX", "AE0", "AE1", "R", "VAR")
 OUT_NAMES = ("CX", "CE0", "CE1", "CX0", "CM0", "CM1", "CM2", "CLAST", "COFF", "CROW", "CZ")
 
 # Storage dtype codes of the native kernels.

@@ -135,9 +135,11 @@ class UNetOutput(NamedTuple):
     sample: torch.Tensor
 
 
-def diffusers_default_alphas_cumprod() -> torch.Tensor:
-    """``DDIMScheduler()``'s table (linear betas 1e-4..0.02, 1000 steps), computed in float32 as diffusers does."""
-    return torch.cumprod(1.0 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float32), 0).to(F64)
+def default_alphas_cumprod() -> torch.Tensor:
+    """``DDIMScheduler()``'s table (linear betas 1e-4..0.02, 1000 steps): ``fastdiff.schedules``'."""
+    from fastdiff import schedules
+
+    return torch.from_numpy(schedules.alphas_cumprod(schedules.betas()))
 
 
 class OracleModel:
@@ -154,7 +156,7 @@ class OracleModel:
     def __init__(self, mixture: GaussianMixture, prediction_type: str = "epsilon", alphas_cumprod=None):
         if prediction_type not in self.TYPES:
             raise ValueError(f"prediction_type: expected one of {self.TYPES}, got {prediction_type!r}")
-        abar = _as_f64(diffusers_default_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod,
+        abar = _as_f64(default_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod,
                        "alphas_cumprod")
         if abar.dim() != 1 or len(abar) < 2 or bool((abar <= 0).any() | (abar > 1).any()):
             raise ValueError(f"alphas_cumprod: expected a 1-D table of >= 2 values in (0, 1], got {abar.tolist()}")

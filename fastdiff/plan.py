@@ -34,8 +34,10 @@ class Terms:
 
 
 def new_table(*lead: int) -> np.ndarray:
-    """An all-zero float64 coefficient table of shape ``[*lead, NUM_COEF]``."""
-    return np.zeros((*lead, L.NUM_COEF), dtype=np.float64)
+    """A float64 coefficient table of shape ``[*lead, NUM_COEF]``: all zero but the x0 scale AS = 1."""
+    t = np.zeros((*lead, L.NUM_COEF), dtype=np.float64)
+    t[..., L.AS] = 1.0
+    return t
 
 
 def check_table(table: np.ndarray, name: str = "plan") -> np.ndarray:
@@ -55,9 +57,9 @@ def check_table(table: np.ndarray, name: str = "plan") -> np.ndarray:
 
 
 def x0_table(table: np.ndarray) -> np.ndarray:
-    """Rows that output only the unclamped data prediction x0 = AX*x + AE0*e0 + AE1*e1 (keeps G)."""
+    """Rows that output only the unclamped data prediction x0 = AS*(AX*x + AE0*e0 + AE1*e1) (keeps G)."""
     t = new_table(*table.shape[:-1])
-    for j in (L.G, L.AX, L.AE0, L.AE1):
+    for j in (L.G, L.AS, L.AX, L.AE0, L.AE1):
         t[..., j] = table[..., j]
     t[..., L.out(0, L.CX0)] = 1.0
     return t

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import assert_close
 
-from fastdiff.oracle import GaussianMixture, default_mixture, diffusers_default_alphas_cumprod, ode_solution, \
+from fastdiff.oracle import GaussianMixture, default_mixture, default_alphas_cumprod, ode_solution, \
     to_image_grid, write_png
 
 F64 = torch.float64
@@ -114,7 +114,7 @@ def test_ode_converges():
     """Uniform RK4: halving the step (512 -> 1024) changes the answer by < 1e-7 (measured <= 3.7e-9, fourth
     order); the adaptive default (tol 1e-8) agrees with 2048 uniform steps to 1e-9 (measured 5e-11 and
     2.9e-10). For an image mixture from diffusers' t=999 and a 1-D mixture with narrow components."""
-    abar0 = float(diffusers_default_alphas_cumprod()[999])
+    abar0 = float(default_alphas_cumprod()[999])
     for m, x_T in [(default_mixture((3, 8, 8), k=5), torch.randn(16, 3, 8, 8, dtype=F64,
                                                                   generator=torch.Generator().manual_seed(5))),
                    (mixture_1d(), torch.linspace(-4, 4, 101, dtype=F64)[:, None])]:
@@ -215,7 +215,7 @@ def test_ode_demo_size_is_fast():
     m = default_mixture()
     x_T = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
-    x = ode_solution(m, x_T, float(diffusers_default_alphas_cumprod()[999]))
+    x = ode_solution(m, x_T, float(default_alphas_cumprod()[999]))
     assert time.perf_counter() - t0 < 5.0
     assert x.dtype == torch.float32 and float((x.abs() <= 1).double().mean()) > 0.98
 

@@ -71,7 +71,7 @@ def test_closed_form_terms(backend):
     require_backend(backend)
     x, e = torch.linspace(-3, 3, 24).reshape(2, 12), torch.linspace(1, 2, 24).reshape(2, 12)
     coef = torch.zeros(1, L.NUM_COEF)
-    coef[0, L.AX], coef[0, L.AE0], coef[0, L.R] = 2.0, -1.0, 1.5
+    coef[0, L.AS], coef[0, L.AX], coef[0, L.AE0], coef[0, L.R] = 1.0, 2.0, -1.0, 1.5
     coef[0, L.out(0, L.CX)] = 1.0
     coef[0, L.out(1, L.CX0)] = 1.0
     coef[0, L.out(2, L.COFF)] = 1.0

@@ -76,6 +76,7 @@ def _step_kernel(
         r = tl.load(rows_ptr + tl.where(rows_len == 1, 0, n))
     else:
         r = row + n * 0
+    r = tl.where(r < 0, r + coef_rows, r)  # negative rows count from the end, as in Python
     valid = (r >= 0) & (r < coef_rows)
     row_ptr = coef_ptr + tl.where(valid, r, 0) * L.NUM_COEF
 
@@ -90,7 +91,7 @@ def _step_kernel(
         if N_E > 1:
             u1 = _load(eu1_ptr, at, mask)
             e1 = u1 + g * (e1 - u1)
-    # data prediction x0 = clamp(AX*x + AE0*e0 + AE1*e1, -R, R)
+    # data prediction x0 = clamp(AS*(AX*x + AE0*e0 + AE1*e1), -R, R)
     x0 = tl.zeros([BLOCK], tl.float32)
     if HAS_X:
         x0 += _coef(row_ptr, L.AX, valid) * x
@@ -98,6 +99,7 @@ def _step_kernel(
         x0 += _coef(row_ptr, L.AE0, valid) * e0
     if N_E > 1:
         x0 += _coef(row_ptr, L.AE1, valid) * e1
+    x0 = x0 * _coef(row_ptr, L.AS, valid)
     if CLAMP:
         rr = _coef(row_ptr, L.R, valid)
         x0 = tl.minimum(tl.maximum(x0, -rr), rr)

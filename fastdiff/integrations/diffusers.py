@@ -32,21 +32,24 @@ from fastdiff.samplers.ddim import (
 SPACINGS = ("leading", "trailing", "linspace")
 
 
-def timestep_rows(timestep, num_rows: int, device: torch.device) -> tuple[int, torch.Tensor | None]:
+def timestep_rows(timestep, num_train_timesteps: int, device: torch.device) -> tuple[int, torch.Tensor | None]:
     """(row, rows) selecting the coefficient row of `timestep` in a table indexed by timestep.
 
     A host value (int, numpy or CPU tensor) is checked and becomes `row`; a device tensor stays on the
-    device as `rows` (one per sample, or one for all), so nothing waits for the GPU.
+    device as `rows` (one per sample, or one for all), so nothing waits for the GPU. Timestep -1 (which
+    diffusers' "trailing" spacing yields for some step counts) selects the table's last row, as
+    diffusers' ``alphas_cumprod[-1]`` does.
     """
+    T = num_train_timesteps
     if isinstance(timestep, torch.Tensor) and (timestep.device.type != "cpu" or timestep.numel() > 1):
         if timestep.device.type == "cpu":
             t = timestep.reshape(-1).to(torch.int64)
-            if int(t.min()) < 0 or int(t.max()) >= num_rows:
-                raise ValueError(f"timestep: expected values in [0, {num_rows}), got {t.tolist()}")
+            if int(t.min()) < -1 or int(t.max()) >= T:
+                raise ValueError(f"timestep: expected values in [-1, {T}), got {t.tolist()}")
         return 0, timestep.reshape(-1).to(device=device, dtype=torch.int64, non_blocking=True)
     t = int(timestep)
-    if not 0 <= t < num_rows:
-        raise ValueError(f"timestep: expected a value in [0, {num_rows}), got {t}")
+    if not -1 <= t < T:
+        raise ValueError(f"timestep: expected a value in [-1, {T}), got {t}")
     return t, None
 
 
@@ -179,7 +182,8 @@ class FastDDIMScheduler(SchedulerMixin, ConfigMixin):
 
     # ------------------------------------------------------------------------------------- internals
     def _coef(self, kind: str, eta: float, use_clipped: bool, device: torch.device) -> torch.Tensor:
-        """The float32 table of `kind`, one row per training timestep t (step t -> t - T//N)."""
+        """The float32 table of `kind`, one row per training timestep t (step t -> t - T//N), and a last
+        row for t = -1 (abar[-1] -> the end of the chain, as diffusers computes it)."""
         key = (kind, eta, use_clipped, device)
         coef = self._coefs.get(key)
         if coef is not None:
@@ -190,7 +194,7 @@ class FastDDIMScheduler(SchedulerMixin, ConfigMixin):
             plan = Plan(table, Terms(n_e=0, noise=True), name=kind)
         else:
             t = np.arange(T)
-            plan = ddim_plan(self._abar, t, t - T // self.num_inference_steps,
+            plan = ddim_plan(self._abar, np.append(t, T - 1), np.append(t - T // self.num_inference_steps, -1),
                              final_alpha_cumprod=self._final_abar, eta=eta, prediction_type=cfg.prediction_type,
                              clip_sample=cfg.clip_sample and not cfg.thresholding,
                              clip_sample_range=cfg.clip_sample_range, use_clipped_model_output=use_clipped,

@@ -75,14 +75,16 @@ def _check_tensor(name, t, *, shape=None, dtype=None, dtypes=None, device=None, 
 def _check_coef_host(coef: torch.Tensor, row: int, rows: torch.Tensor | None) -> None:
     """Range and finiteness of the rows used, where that costs no device sync (host tensors)."""
     if rows is None:
-        if not 0 <= row < coef.shape[0]:
-            raise ValueError(f"step: row must be in [0, {coef.shape[0]}) (rows of coef), got {row}")
+        if not -coef.shape[0] <= row < coef.shape[0]:
+            raise ValueError(f"step: row must be in [-{coef.shape[0]}, {coef.shape[0]}) (rows of coef; "
+                             f"negative rows count from the end), got {row}")
         used = coef[row : row + 1]
     else:
         if rows.device.type != "cpu":
             return
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= coef.shape[0]):
-            raise ValueError(f"step: rows must lie in [0, {coef.shape[0]}) (rows of coef), got {rows.tolist()}")
+        if rows.numel() and (int(rows.min()) < -coef.shape[0] or int(rows.max()) >= coef.shape[0]):
+            raise ValueError(f"step: rows must lie in [-{coef.shape[0]}, {coef.shape[0]}) (rows of coef), "
+                             f"got {rows.tolist()}")
         used = coef[rows]
     if coef.device.type == "cpu" and not bool(torch.isfinite(used).all()):
         bad = (~torch.isfinite(used)).nonzero()[0].tolist()
@@ -345,8 +347,9 @@ def step(
             ``e_uncond`` is given: guidance ``e = uncond + G*(cond - uncond)``).
         m: up to 3 history slots (previous data predictions); ``x_last``: the previous sample.
         row: the plan row every sample uses; ``rows``: ``[B]`` or ``[1]`` int64 device rows instead
-            (per-sample timesteps, or a step index that lives on the device). A device index outside
-            the table gives NaN outputs (it cannot be checked without a sync).
+            (per-sample timesteps, or a step index that lives on the device). Negative rows count from
+            the end, as in Python. A device index outside the table gives NaN outputs (it cannot be
+            checked without a sync).
         offset: ``[B]`` float32 per-sample scalar offset (Mix-DDPM).
         idx, row_table, var_table: ``[B]`` int64 component of each sample; ``[K, ...]`` float32 rows
             of offsets (``delta_k``) and of variances (noise std ``sqrt(max(VAR - var, 0))``): DDIM-GMM.

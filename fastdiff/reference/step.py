@@ -3,7 +3,7 @@
 Per sample n (``c`` is n's plan row, columns named in ``fastdiff.layout``)::
 
     e_i   = uncond_i + G*(cond_i - uncond_i)                     (classifier-free guidance, when on)
-    x0    = clamp(AX*x + AE0*e_0 + AE1*e_1, -R, R)                (data prediction, clamp optional)
+    x0    = clamp(AS*(AX*x + AE0*e_0 + AE1*e_1), -R, R)          (data prediction, clamp optional)
     s     = sqrt(max(VAR - var_table[idx_n], 0))  or 1            (DDIM-GMM's clipped variances)
     out_k = CX*x + CE0*e_0 + CE1*e_1 + CX0*x0 + sum_j CMj*m_j + CLAST*x_last
           + COFF*offset[n] + CROW*row_table[idx_n] + CZ*s*z
@@ -61,6 +61,7 @@ def step(
     x0 = col(L.AX) * x if x is not None else zero
     for i, ei in enumerate(e):
         x0 = x0 + col(L.AE0 + i) * ei
+    x0 = col(L.AS) * x0
     if clamp:
         r = col(L.R)
         x0 = torch.minimum(torch.maximum(x0, -r), r)

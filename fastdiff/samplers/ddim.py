@@ -35,7 +35,7 @@ def ddim_coefficients(
     """Coefficient rows ``[..., NUM_COEF]`` (float64) of DDIM steps from abar_t to abar_prev.
 
     Every prediction type is linear: with alpha = sqrt(abar_t), sigma_t = sqrt(1 - abar_t)
-        epsilon: x0 = (x - sigma_t*e)/alpha,  eps = e
+        epsilon: x0 = (x - sigma_t*e)/alpha,  eps = e       (AS = 1/alpha: subtract, then scale)
         v:       x0 = alpha*x - sigma_t*e,    eps = alpha*e + sigma_t*x
         sample:  x0 = e,                      eps = (x - alpha*e)/sigma_t
     and with ``use_clipped_model_output`` eps = (x - alpha*x0_clipped)/sigma_t. ``x0_in_slot``: x0 comes
@@ -48,8 +48,9 @@ def ddim_coefficients(
     abar_t, abar_prev = np.broadcast_arrays(np.asarray(abar_t, np.float64), np.asarray(abar_prev, np.float64))
     alpha, sigma_t = np.sqrt(abar_t), np.sqrt(1.0 - abar_t)
     with np.errstate(divide="ignore", invalid="ignore"):
+        scale = 1.0
         if prediction_type == "epsilon":
-            ax, ae, eps_x, eps_e = 1.0 / alpha, -sigma_t / alpha, 0.0, 1.0
+            scale, ax, ae, eps_x, eps_e = 1.0 / alpha, 1.0, -sigma_t, 0.0, 1.0
         elif prediction_type == "v_prediction":
             ax, ae, eps_x, eps_e = alpha, -sigma_t, sigma_t, alpha
         else:
@@ -62,7 +63,7 @@ def ddim_coefficients(
     direction = np.sqrt(np.maximum(1.0 - abar_prev - std**2, 0.0))
 
     c = new_table(*abar_t.shape)
-    c[..., L.AX], c[..., L.AE0], c[..., L.R] = ax, ae, clip_sample_range
+    c[..., L.AS], c[..., L.AX], c[..., L.AE0], c[..., L.R] = scale, ax, ae, clip_sample_range
     x0_col = L.out(0, L.CM0) if x0_in_slot else L.out(0, L.CX0)
     c[..., x0_col] = np.sqrt(abar_prev) + direction * eps_x0
     c[..., L.out(0, L.CX)] = direction * eps_x

@@ -7,9 +7,11 @@ namespace fastdiff {
 
 // Row-level coefficients:
 //   e_i = uncond_i + G*(cond_i - uncond_i)               (classifier-free guidance, when on)
-//   x0  = clamp(AX*x + AE0*e_0 + AE1*e_1, -R, R)          (data prediction; clamp when requested)
+//   x0  = clamp(AS*(AX*x + AE0*e_0 + AE1*e_1), -R, R)     (data prediction; clamp when requested; the
+//                                                          scale AS keeps eps-prediction's cancellation
+//                                                          at the size of x, as (x - sigma*e)/alpha does)
 //   s   = sqrt(max(VAR - var_table[idx_n, i], 0))         (gathered noise std, DDIM-GMM; else 1)
-enum Coef : int { kG = 0, kAX, kAE0, kAE1, kR, kVar, kOut };
+enum Coef : int { kG = 0, kAS, kAX, kAE0, kAE1, kR, kVar, kOut };
 
 // Per output k (k = 0..2) at kOut + k*kPerOut:
 //   out_k = CX*x + CE0*e_0 + CE1*e_1 + CX0*x0 + CM0*m_0 + CM1*m_1 + CM2*m_2 + CLAST*x_last
@@ -17,8 +19,8 @@ enum Coef : int { kG = 0, kAX, kAE0, kAE1, kR, kVar, kOut };
 enum OutCoef : int { kCX = 0, kCE0, kCE1, kCX0, kCM0, kCM1, kCM2, kCLast, kCOff, kCRow, kCZ, kPerOut };
 
 constexpr int kMaxOut = 3;
-constexpr int kNumCoef = 40;  // kOut + kMaxOut*kPerOut = 39, padded
-static_assert(kOut + kMaxOut * kPerOut <= kNumCoef, "coefficient row too short");
+constexpr int kNumCoef = 40;  // kOut + kMaxOut*kPerOut
+static_assert(kOut + kMaxOut * kPerOut == kNumCoef, "coefficient row layout");
 
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 

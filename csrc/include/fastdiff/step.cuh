@@ -1,7 +1,7 @@
 // The one step kernel family (DESIGN.md, "One step kernel, many methods"): per element, a data
 // prediction followed by linear combinations, with every coefficient read from a plan row.
 //   e_i   = model output i, or uncond_i + G*(cond_i - uncond_i) with guidance
-//   x0    = clamp(AX*x + AE0*e_0 + AE1*e_1, -R, R)
+//   x0    = clamp(AS*(AX*x + AE0*e_0 + AE1*e_1), -R, R)
 //   out_k = CX*x + CE0*e_0 + CE1*e_1 + CX0*x0 + sum_j CMj*m_j + CLAST*x_last
 //         + COFF*offset[n] + CROW*row_table[idx_n, i] + CZ*s*z,   s = sqrt(max(VAR - var_table[idx_n, i], 0)) or 1
 // DDIM, DDPM, DPM-Solver++, UniPC, Euler/Heun, DDM, IADB, Mix-DDPM and DDIM-GMM differ only in the
@@ -75,11 +75,12 @@ FD_HD FD_INLINE StepTerms step_terms(const StepParams& p) {
   return t;
 }
 
-// The plan row of sample n. An index outside the table yields NaN coefficients: a device-side index
-// cannot be checked on the host without a sync, and NaN output is loud where a clamp would be silent.
+// The plan row of sample n; negative rows count from the end, as Python indexes. An index outside the
+// table yields NaN coefficients: a device-side index cannot be checked on the host without a sync, and
+// NaN output is loud where a clamp would be silent.
 FD_HD FD_INLINE int64_t step_row(const StepParams& p, int64_t n) {
-  if (!p.rows) return p.row;
-  return p.rows[p.rows_len == 1 ? 0 : n];
+  const int64_t r = p.rows ? p.rows[p.rows_len == 1 ? 0 : n] : p.row;
+  return r < 0 ? r + p.coef_rows : r;
 }
 FD_HD FD_INLINE float step_coef(const StepParams& p, int64_t r, int j) {
   return (r >= 0 && r < p.coef_rows) ? p.coef[r * kNumCoef + j] : NAN;
@@ -144,10 +145,14 @@ FD_HD FD_INLINE void step_lanes(const float* __restrict__ c, const StepTerms& t,
     }
     fold<N, NOUT, kX0Add>(c, c[kAE0 + i], kCE0 + i, v, x0, out);
   }
-  if (t.clamp) {  // data prediction x0 = clamp(AX*x + AE0*e0 + AE1*e1, -R, R)
+  const float as = c[kAS];  // data prediction x0 = clamp(AS*(AX*x + AE0*e0 + AE1*e1), -R, R)
+  if (t.clamp) {
     const float r = c[kR];
     FD_UNROLL
-    for (int j = 0; j < N; ++j) x0[j] = clampf(x0[j], -r, r);
+    for (int j = 0; j < N; ++j) x0[j] = clampf(as * x0[j], -r, r);
+  } else {
+    FD_UNROLL
+    for (int j = 0; j < N; ++j) x0[j] *= as;
   }
   fold<N, NOUT, kX0None>(c, 0.0f, kCX0, x0, x0, out);
   for (int i = 0; i < 3; ++i) {
