@@ -69,9 +69,20 @@ def status(name: str, device: torch.device | str) -> tuple[bool, str]:
     return _status(name, torch.device(device).type, triton_interpret())
 
 
+_CHOICES: dict[tuple, str] = {}
+
+
 def choose(device: torch.device, backend: str | None = None) -> str:
-    """The backend an op runs on for tensors on `device`."""
+    """The backend an op runs on for tensors on `device` (cached: this runs on every step)."""
     forced = backend or os.environ.get("FASTDIFF_BACKEND") or None
+    key = (device.type, forced, os.environ.get("TRITON_INTERPRET"))
+    name = _CHOICES.get(key)
+    if name is None:
+        name = _CHOICES[key] = _choose(device, forced)
+    return name
+
+
+def _choose(device: torch.device, forced: str | None) -> str:
     if forced is not None:
         if forced not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {forced!r}")

@@ -37,6 +37,12 @@ def test_layout_agrees_with_the_native_header():
     assert len(L.names()) == L.NUM_COEF and len(set(L.names()) - {"pad"}) == L.out(L.MAX_OUT - 1, L.CZ) + 1
 
 
+def test_native_parameter_order_agrees():
+    from fastdiff.ops.step import NATIVE_FIELDS
+
+    assert tuple(native().step_fields) == NATIVE_FIELDS
+
+
 def test_native_module_reports_itself():
     mod = native()
     assert mod.cpu_isa()

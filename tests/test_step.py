@@ -107,8 +107,13 @@ def test_bad_input_is_named():
             ops.step(**{**kw, **change}, backend="torch")
     nan = kw["coef"].clone()
     nan[3, L.out(0, L.CE0)] = float("nan")
-    with pytest.raises(ValueError, match=r"non-finite coefficients .*out0\.CE0"):
+    with pytest.raises(ValueError, match=r"non-finite coefficient at row 3: out0\.CE0 = nan"):
         ops.step(**{**kw, "coef": nan})
+    good = kw["coef"].clone()
+    ops.step(**{**kw, "coef": good})
+    good[0, L.AX] = float("inf")  # changed in place after a check: checked again
+    with pytest.raises(ValueError, match="non-finite coefficient at row 0: AX = inf"):
+        ops.step(**{**kw, "coef": good})
     with pytest.raises(ValueError, match="backend: expected one of"):
         ops.step(**kw, backend="metal")
     with pytest.raises(RuntimeError, match="backend 'cuda' was requested"):

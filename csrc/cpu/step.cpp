@@ -1,10 +1,17 @@
-// CPU (OpenMP) launcher of the step kernel family: each task loads one chunk of a sample into fp32 lanes
-// that stay in L1, runs the shared arithmetic (fastdiff/step.cuh) on them and stores the outputs, so
-// every tensor crosses memory once. Portable build: the chunk loop is compiled for baseline x86-64,
-// x86-64-v3 (AVX2/FMA) and x86-64-v4 (AVX-512) and picked at run time (GCC target_clones), as numpy does.
+// CPU (OpenMP) launcher of the step kernel family. Each task takes a chunk of one sample, maps the
+// sample's plan row onto streams (step_streams, fastdiff/step.cuh) and makes one pass over the chunk,
+// 16 elements at a time in vector registers: x0 += a_s*v_s, out_k += c_sk*v_s, then clamp and store.
+// Every tensor crosses memory once. Noise that needs work (in-kernel Philox, a gathered std) is made a
+// block of 256 at a time first, in one vectorised loop. Portable build: the loops are compiled for
+// baseline x86-64, x86-64-v3 (AVX2/FMA) and x86-64-v4 (AVX-512), picked at run time (GCC
+// target_clones), as numpy does.
 #include <algorithm>
+#include <cstring>
 #include <stdexcept>
-#include <type_traits>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "fastdiff/step.cuh"
 
@@ -22,117 +29,152 @@ namespace fastdiff {
 namespace cpu {
 namespace {
 
-constexpr int kChunk = 256;  // elements per task: six fp32 lane arrays of 1 KiB, all in L1
+constexpr int kW = 16;         // elements per vector: one AVX-512 register (two AVX2 ones)
+constexpr int kBlock = 256;    // noise is drawn this many elements at a time
+constexpr int kChunk = 4096;   // elements per task
 
-// Full chunks take fixed-length loops (inlined, vectorised); only a sample's last chunk is partial.
+typedef float vfloat __attribute__((vector_size(kW * sizeof(float))));
+
+// Loads and stores of one element (float) or one vector (vfloat), converting the storage dtype.
 template <typename T>
-FD_INLINE void load(const void* base, int64_t off, int n, float (&dst)[kChunk]) {
-  const T* __restrict__ p = static_cast<const T*>(base) + off;
-  if (n == kChunk) {
-    for (int j = 0; j < kChunk; ++j) dst[j] = to_float(p[j]);
-  } else {
-    for (int j = 0; j < n; ++j) dst[j] = to_float(p[j]);
-    for (int j = n; j < kChunk; ++j) dst[j] = 0.0f;
-  }
+FD_INLINE float ld(const T* p, float) { return to_float(*p); }
+template <typename T>
+FD_INLINE vfloat ld(const T* p, vfloat) {
+  float t[kW];
+  for (int j = 0; j < kW; ++j) t[j] = to_float(p[j]);
+  vfloat v;
+  std::memcpy(&v, t, sizeof v);
+  return v;
+}
+template <typename T>
+FD_INLINE void st(T* p, float v) { *p = from_float<T>(v); }
+template <typename T>
+FD_INLINE void st(T* p, vfloat v) {
+  float t[kW];
+  std::memcpy(t, &v, sizeof v);
+  for (int j = 0; j < kW; ++j) p[j] = from_float<T>(t[j]);
 }
 
+// Streaming (non-temporal) store of a vector to 16-byte aligned p: for outputs too big to stay in cache
+// it skips the read-for-ownership of every output line, a third of a step's traffic. SSE2 only, so
+// every clone has it.
 template <typename T>
-FD_INLINE void store(void* base, int64_t off, int n, const float (&src)[kChunk]) {
-  T* __restrict__ p = static_cast<T*>(base) + off;
-  if (n == kChunk) {
-    for (int j = 0; j < kChunk; ++j) p[j] = from_float<T>(src[j]);
-  } else {
-    for (int j = 0; j < n; ++j) p[j] = from_float<T>(src[j]);
-  }
+FD_INLINE void st_stream(T* p, vfloat v) {
+#if defined(__x86_64__)
+  T t[kW];
+  st(t, v);
+  for (size_t b = 0; b < sizeof t; b += 16)
+    _mm_stream_si128(reinterpret_cast<__m128i*>(reinterpret_cast<char*>(p) + b),
+                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(reinterpret_cast<const char*>(t) + b)));
+#else
+  st(p, v);
+#endif
+}
+FD_INLINE void stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
 }
 
-// One table row (row_table or var_table) of component k = idx[n]; NaN for an index outside the table.
-FD_INLINE void load_table(const float* table, int64_t k, const StepParams& p, int64_t i0, int n,
-                          float (&dst)[kChunk]) {
-  if (k < 0 || k >= p.table_rows) {
-    for (int j = 0; j < kChunk; ++j) dst[j] = NAN;
-    return;
+// Element (V = float) or vector (V = vfloat) j of the sample: all streams, then x0, then the outputs.
+// z: this block's prepared noise, indexed by j - zj. NT: streaming stores (vectors only).
+template <typename V, typename T, int NOUT, bool NT = false>
+FD_INLINE void stream_at(const StepStreams& s, const float* z, int64_t zj, T* const* out, int64_t j) {
+  V x0{}, o[NOUT];
+  for (int k = 0; k < NOUT; ++k) o[k] = V{} + s.base[k];
+  for (int q = 0; q < s.ns; ++q) {
+    const V v = ld(static_cast<const T*>(s.p[q]) + j, V{});
+    x0 += s.a[q] * v;
+    for (int k = 0; k < NOUT; ++k) o[k] += s.c[q][k] * v;
   }
-  load<float>(table, k * p.numel + i0, n, dst);
-}
-
-// The loads step_lanes asks for, for chunk [i0, i0 + len) of sample n. A struct, not a lambda, so that
-// it inlines into each target clone and vectorises for that ISA. A full fp32 chunk is read in place.
-template <typename T>
-struct ChunkLoader {
-  const StepParams& p;
-  int64_t n, i0;
-  int len;
-
-  FD_INLINE const float* operator()(int in, float (&buf)[kChunk]) const {
-    const void* src = nullptr;
-    switch (in) {
-      case kInX: src = p.x; break;
-      case kInE0: src = p.e0; break;
-      case kInE1: src = p.e1; break;
-      case kInEU0: src = p.eu0; break;
-      case kInEU1: src = p.eu1; break;
-      case kInM0: src = p.m0; break;
-      case kInM1: src = p.m1; break;
-      case kInM2: src = p.m2; break;
-      case kInLast: src = p.x_last; break;
-      case kInRow:
-      case kInVar:
-        load_table(in == kInRow ? p.row_table : p.var_table, p.idx[n], p, i0, len, buf);
-        return buf;
-      default:
-        if (p.noise) {
-          src = p.noise;
-          break;
-        }
-        philox_lanes<kChunk>(uint64_t(p.seeds[n]), i0, uint32_t(p.noise_step), uint32_t(p.noise_stream), buf);
-        return buf;
+  if (s.row) {
+    const V v = ld(s.row + j, V{});
+    for (int k = 0; k < NOUT; ++k) o[k] += s.c_row[k] * v;
+  }
+  if (z) {
+    const V v = ld(z + (j - zj), V{});
+    for (int k = 0; k < NOUT; ++k) o[k] += s.c_z[k] * v;
+  }
+  x0 = clampf(s.as * x0, -s.r, s.r);
+  for (int k = 0; k < NOUT; ++k) {
+    if constexpr (NT) {
+      st_stream(out[k] + j, o[k] + s.c_x0[k] * x0);
+    } else {
+      st(out[k] + j, o[k] + s.c_x0[k] * x0);
     }
-    const int64_t off = n * p.numel + i0;
-    if (std::is_same<T, float>::value && len == kChunk) return static_cast<const float*>(src) + off;
-    load<T>(src, off, len, buf);
-    return buf;
   }
-};
-
-template <typename T, int NOUT>
-FD_INLINE void step_chunk(const StepParams& p, const StepTerms& t, const float* c, int64_t n, int64_t i0, int len) {
-  ChunkLoader<T> loader{p, n, i0, len};
-  float out[kMaxOut][kChunk];
-  step_lanes<kChunk, NOUT>(c, t, t.offset ? p.offset[n] : 0.0f, loader, out);
-  void* dst[kMaxOut] = {p.out0, p.out1, p.out2};
-  for (int k = 0; k < NOUT; ++k) store<T>(dst[k], n * p.numel + i0, len, out[k]);
 }
 
 template <typename T, int NOUT>
+FD_INLINE void stream_range(const StepStreams& s, const float* z, int64_t zj, T* const* out, int64_t j0,
+                            int64_t j1, bool nt) {
+  int64_t j = j0;
+  if (nt) {
+    for (; j + kW <= j1; j += kW) stream_at<vfloat, T, NOUT, true>(s, z, zj, out, j);
+  } else {
+    for (; j + kW <= j1; j += kW) stream_at<vfloat, T, NOUT>(s, z, zj, out, j);
+  }
+  for (; j < j1; ++j) stream_at<float, T, NOUT>(s, z, zj, out, j);
+}
+
+// Elements [i0, i1) of sample n.
+template <typename T, int NOUT>
+FD_INLINE void step_chunk(const StepParams& p, int64_t n, int64_t i0, int64_t i1, bool nt) {
+  float c[kNumCoef];
+  const int64_t r = step_row(p, n);
+  for (int j = 0; j < kNumCoef; ++j) c[j] = step_coef(p, r, j);
+  StepStreams s;
+  step_streams(p, c, n, s);
+  T* out[kMaxOut] = {static_cast<T*>(p.out0) + n * p.numel, static_cast<T*>(p.out1) + n * p.numel,
+                     static_cast<T*>(p.out2) + n * p.numel};
+  if (!s.z) return stream_range<T, NOUT>(s, nullptr, 0, out, i0, i1, nt);
+  for (int64_t b = i0; b < i1; b += kBlock) {  // noise first, a block at a time
+    const int len = int(std::min<int64_t>(kBlock, i1 - b));
+    float z[kBlock];
+    if (s.noise) {
+      for (int j = 0; j < len; ++j) z[j] = to_float(static_cast<const T*>(s.noise)[b + j]);
+    } else {
+      philox_lanes<kBlock>(s.seed, b, uint32_t(p.noise_step), uint32_t(p.noise_stream), z);
+    }
+    scale_by_std<kBlock>(z, s.var ? s.var + b : nullptr, s.var_total, len);
+    stream_range<T, NOUT>(s, z, b, out, b, b + len, nt);
+  }
+}
+
+// Streaming stores pay off when the outputs cannot stay in cache anyway, and need each sample's output
+// to start 16-byte aligned; an output that is also an input is written where it was just read.
+template <typename T>
+bool use_streaming_stores(const StepParams& p) {
+  const void* outs[kMaxOut] = {p.out0, p.out1, p.out2};
+  const void* ins[] = {p.x, p.e0, p.e1, p.eu0, p.eu1, p.m0, p.m1, p.m2, p.x_last, p.noise};
+  if (p.batch * p.numel * int64_t(sizeof(T)) * p.n_out < (int64_t(16) << 20)) return false;
+  if ((p.numel * sizeof(T)) % 16 != 0) return false;
+  for (int k = 0; k < p.n_out; ++k) {
+    if (reinterpret_cast<uintptr_t>(outs[k]) % 16 != 0) return false;
+    for (const void* in : ins)
+      if (in == outs[k]) return false;
+  }
+  return true;
+}
+
+template <typename T>
 FD_INLINE void run_chunks(const StepParams& p, int64_t c0, int64_t c1) {
-  const StepTerms t = step_terms(p);
   const int64_t per_sample = (p.numel + kChunk - 1) / kChunk;
-  float coef[kNumCoef];
-  int64_t coef_n = -1;
+  const bool nt = use_streaming_stores<T>(p);
   for (int64_t c = c0; c < c1; ++c) {
-    const int64_t n = c / per_sample, i0 = (c % per_sample) * kChunk;
-    if (n != coef_n) {  // the sample's plan row, read once per sample
-      const int64_t r = step_row(p, n);
-      for (int j = 0; j < kNumCoef; ++j) coef[j] = step_coef(p, r, j);
-      coef_n = n;
+    const int64_t n = c / per_sample, i0 = (c % per_sample) * kChunk, i1 = std::min(i0 + kChunk, p.numel);
+    switch (p.n_out) {
+      case 1: step_chunk<T, 1>(p, n, i0, i1, nt); break;
+      case 2: step_chunk<T, 2>(p, n, i0, i1, nt); break;
+      default: step_chunk<T, 3>(p, n, i0, i1, nt); break;
     }
-    step_chunk<T, NOUT>(p, t, coef, n, i0, int(std::min<int64_t>(kChunk, p.numel - i0)));
   }
+  if (nt) stream_fence();  // streaming stores are weakly ordered: visible before the step returns
 }
 
-template <typename T>
-FD_INLINE void run_chunks_any(const StepParams& p, int64_t c0, int64_t c1) {
-  switch (p.n_out) {
-    case 1: return run_chunks<T, 1>(p, c0, c1);
-    case 2: return run_chunks<T, 2>(p, c0, c1);
-    default: return run_chunks<T, 3>(p, c0, c1);
-  }
-}
-
-FD_CLONES void run_chunks_f32(const StepParams& p, int64_t c0, int64_t c1) { run_chunks_any<float>(p, c0, c1); }
-FD_CLONES void run_chunks_f16(const StepParams& p, int64_t c0, int64_t c1) { run_chunks_any<half_t>(p, c0, c1); }
-FD_CLONES void run_chunks_bf16(const StepParams& p, int64_t c0, int64_t c1) { run_chunks_any<bf16_t>(p, c0, c1); }
+FD_CLONES void run_chunks_f32(const StepParams& p, int64_t c0, int64_t c1) { run_chunks<float>(p, c0, c1); }
+FD_CLONES void run_chunks_f16(const StepParams& p, int64_t c0, int64_t c1) { run_chunks<half_t>(p, c0, c1); }
+FD_CLONES void run_chunks_bf16(const StepParams& p, int64_t c0, int64_t c1) { run_chunks<bf16_t>(p, c0, c1); }
 
 }  // namespace
 
@@ -149,8 +191,8 @@ void step(const StepParams& p) {
   const int64_t total = p.batch * ((p.numel + kChunk - 1) / kChunk);
   if (total == 0) return;
 #if defined(FASTDIFF_WITH_OPENMP)
-  // Threads only pay off past a few hundred KiB; below that one thread is faster than waking a team.
-  const int threads = total < 64 ? 1 : std::min<int64_t>(omp_get_max_threads(), total);
+  // One task per thread at least; a few-KiB step is faster on one thread than waking a team.
+  const int threads = int(std::min<int64_t>(omp_get_max_threads(), p.batch * p.numel < 32768 ? 1 : total));
 #pragma omp parallel num_threads(threads)
   {
     const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();

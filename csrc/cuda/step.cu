@@ -1,7 +1,8 @@
 // CUDA launcher of the step kernel family: one thread owns N consecutive elements of one sample (one
-// 16-byte vector: 4 fp32 or 8 fp16/bf16), loads them, runs the shared arithmetic (fastdiff/step.cuh) and
-// stores the outputs. The plan row of the block's sample is staged in shared memory. Term flags are
-// uniform across the grid, so an absent term costs a predicted branch and no load.
+// 16-byte vector: 4 fp32 or 8 fp16/bf16). The block's sample is mapped onto streams once
+// (step_streams, fastdiff/step.cuh) in shared memory; each thread streams its elements through
+// registers and stores the outputs. Every branch is uniform across the block, and absent terms cost
+// nothing: they are not streams.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -47,47 +48,71 @@ __device__ FD_INLINE void store(void* base, int64_t off, int n, bool vec, const 
   }
 }
 
-template <int N>
-__device__ FD_INLINE void load_table(const float* table, int64_t k, const StepParams& p, int64_t i0, int n,
-                                     bool vec, float (&dst)[N]) {
-  if (k < 0 || k >= p.table_rows) {  // NaN, not a silent clamp (see step_row)
-    FD_UNROLL
-    for (int j = 0; j < N; ++j) dst[j] = NAN;
-    return;
-  }
-  load<float, N>(table, k * p.numel + i0, n, vec && N == 4, dst);  // float4 when fp32
-}
-
 // grid = (ceil(D / (kThreads*N)), min(B, 65535)); a block walks samples blockIdx.y, + gridDim.y, ...
+// Thread 0 maps the sample's plan row onto streams (step_streams) in shared memory; every thread then
+// streams its N elements through registers.
 template <typename T, int N, int NOUT>
-__global__ void __launch_bounds__(kThreads) step_kernel(const StepParams p, const StepTerms t, bool vec) {
+__global__ void __launch_bounds__(kThreads) step_kernel(const StepParams p, bool vec) {
   __shared__ float c[kNumCoef];
+  __shared__ StepStreams s;
   const int64_t i0 = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * N;
   const int len = i0 < p.numel ? int(min(int64_t(N), p.numel - i0)) : 0;
   for (int64_t n = blockIdx.y; n < p.batch; n += gridDim.y) {
-    __syncthreads();  // the previous sample's row is no longer read
+    __syncthreads();  // the previous sample's row and streams are no longer read
     if (threadIdx.x < kNumCoef) c[threadIdx.x] = step_coef(p, step_row(p, n), threadIdx.x);
     __syncthreads();
+    if (threadIdx.x == 0) step_streams(p, c, n, s);
+    __syncthreads();
     if (len == 0) continue;
-    const int64_t off = n * p.numel + i0;
-    const void* inputs[] = {p.x, p.e0, p.e1, p.eu0, p.eu1, p.m0, p.m1, p.m2, p.x_last};
-    auto load_input = [&](int in, float(&dst)[N]) -> const float* {  // the loads step_lanes asks for
-      if (in <= kInLast) {
-        load<T, N>(inputs[in], off, len, vec, dst);
-      } else if (in == kInRow || in == kInVar) {
-        load_table<N>(in == kInRow ? p.row_table : p.var_table, p.idx[n], p, i0, len, vec, dst);
-      } else if (p.noise) {
-        load<T, N>(p.noise, off, len, vec, dst);
-      } else {
-        philox_lanes<N>(uint64_t(p.seeds[n]), i0, uint32_t(p.noise_step), uint32_t(p.noise_stream), dst);
+    float x0[N], o[NOUT][N], v[N];
+    FD_UNROLL
+    for (int j = 0; j < N; ++j) x0[j] = 0.0f;
+    FD_UNROLL
+    for (int k = 0; k < NOUT; ++k) {
+      FD_UNROLL
+      for (int j = 0; j < N; ++j) o[k][j] = s.base[k];
+    }
+    for (int q = 0; q < s.ns; ++q) {  // x0 += a_s*v_s, out_k += c_sk*v_s
+      load<T, N>(s.p[q], i0, len, vec, v);
+      const float a = s.a[q];
+      FD_UNROLL
+      for (int j = 0; j < N; ++j) x0[j] += a * v[j];
+      FD_UNROLL
+      for (int k = 0; k < NOUT; ++k) {
+        const float ck = s.c[q][k];
+        FD_UNROLL
+        for (int j = 0; j < N; ++j) o[k][j] += ck * v[j];
       }
-      return dst;
-    };
-    float out[kMaxOut][N];
-    step_lanes<N, NOUT>(c, t, t.offset ? p.offset[n] : 0.0f, load_input, out);
-    store<T, N>(p.out0, off, len, vec, out[0]);
-    if (NOUT > 1) store<T, N>(p.out1, off, len, vec, out[1]);
-    if (NOUT > 2) store<T, N>(p.out2, off, len, vec, out[2]);
+    }
+    if (s.row) {  // fp32 table row: float4 loads when the storage is fp32 too
+      load<float, N>(s.row, i0, len, vec && N == 4, v);
+      FD_UNROLL
+      for (int k = 0; k < NOUT; ++k) {
+        FD_UNROLL
+        for (int j = 0; j < N; ++j) o[k][j] += s.c_row[k] * v[j];
+      }
+    }
+    if (s.z) {
+      if (s.noise) {
+        load<T, N>(s.noise, i0, len, vec, v);
+      } else {
+        philox_lanes<N>(s.seed, i0, uint32_t(p.noise_step), uint32_t(p.noise_stream), v);
+      }
+      scale_by_std<N>(v, s.var ? s.var + i0 : nullptr, s.var_total, len);
+      FD_UNROLL
+      for (int k = 0; k < NOUT; ++k) {
+        FD_UNROLL
+        for (int j = 0; j < N; ++j) o[k][j] += s.c_z[k] * v[j];
+      }
+    }
+    const int64_t off = n * p.numel + i0;
+    void* dst[kMaxOut] = {p.out0, p.out1, p.out2};
+    FD_UNROLL
+    for (int k = 0; k < NOUT; ++k) {
+      FD_UNROLL
+      for (int j = 0; j < N; ++j) o[k][j] += s.c_x0[k] * clampf(s.as * x0[j], -s.r, s.r);
+      store<T, N>(dst[k], off, len, vec, o[k]);
+    }
   }
 }
 
@@ -95,7 +120,6 @@ bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u
 
 template <typename T, int N>
 cudaError_t launch(const StepParams& p, cudaStream_t stream) {
-  const StepTerms t = step_terms(p);
   // 16-byte vectors need every sample to start on a vector boundary and every base pointer aligned.
   bool vec = p.numel % N == 0;
   for (const void* q : {p.x, p.e0, p.e1, p.eu0, p.eu1, p.m0, p.m1, p.m2, p.x_last, p.noise,
@@ -107,9 +131,9 @@ cudaError_t launch(const StepParams& p, cudaStream_t stream) {
   if (blocks_x > 0x7fffffff) return cudaErrorInvalidValue;
   const dim3 grid(unsigned(blocks_x), unsigned(std::min<int64_t>(p.batch, 65535)));
   switch (p.n_out) {
-    case 1: step_kernel<T, N, 1><<<grid, kThreads, 0, stream>>>(p, t, vec); break;
-    case 2: step_kernel<T, N, 2><<<grid, kThreads, 0, stream>>>(p, t, vec); break;
-    default: step_kernel<T, N, 3><<<grid, kThreads, 0, stream>>>(p, t, vec); break;
+    case 1: step_kernel<T, N, 1><<<grid, kThreads, 0, stream>>>(p, vec); break;
+    case 2: step_kernel<T, N, 2><<<grid, kThreads, 0, stream>>>(p, vec); break;
+    default: step_kernel<T, N, 3><<<grid, kThreads, 0, stream>>>(p, vec); break;
   }
   return cudaGetLastError();
 }

@@ -8,6 +8,7 @@ Validates the inputs, picks a backend (``fastdiff.backends``) and runs it. Regis
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import List, Optional
@@ -56,40 +57,45 @@ class StepArgs:
         return math.prod(self.shape[1:])
 
 
-def _check_tensor(name, t, *, shape=None, dtype=None, dtypes=None, device=None, dim=None):
+def _check_tensor(name, t, *, shape=None, dtype=None, device=None, dim=None):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"step: {name} must be a torch.Tensor, got {type(t).__name__}")
     if device is not None and t.device != device:
         raise ValueError(f"step: {name} must be on {device} (like the other inputs), got {t.device}")
     if dtype is not None and t.dtype != dtype:
         raise TypeError(f"step: {name} must have dtype {dtype}, got {t.dtype}")
-    if dtypes is not None and t.dtype not in dtypes:
-        raise TypeError(f"step: {name} must have one of the dtypes {list(dtypes)}, got {t.dtype}")
     if dim is not None and t.dim() != dim:
         raise ValueError(f"step: {name} must have {dim} dimensions, got shape {tuple(t.shape)}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
+    if shape is not None and t.shape != shape:
         raise ValueError(f"step: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    return t.contiguous()
+    return t if t.is_contiguous() else t.contiguous()
+
+
+_FINITE: dict[int, tuple[weakref.ref, int]] = {}  # id(coef) -> (coef, its _version when found finite)
 
 
 def _check_coef_host(coef: torch.Tensor, row: int, rows: torch.Tensor | None) -> None:
-    """Range and finiteness of the rows used, where that costs no device sync (host tensors)."""
+    """Range of the rows used, and finiteness of a host table, where that costs no device sync. A table
+    is checked again only after it changed (its version counter moved): plans are checked when built."""
     if rows is None:
         if not -coef.shape[0] <= row < coef.shape[0]:
             raise ValueError(f"step: row must be in [-{coef.shape[0]}, {coef.shape[0]}) (rows of coef; "
                              f"negative rows count from the end), got {row}")
-        used = coef[row : row + 1]
-    else:
-        if rows.device.type != "cpu":
-            return
-        if rows.numel() and (int(rows.min()) < -coef.shape[0] or int(rows.max()) >= coef.shape[0]):
+    elif rows.device.type == "cpu" and rows.numel():
+        if int(rows.min()) < -coef.shape[0] or int(rows.max()) >= coef.shape[0]:
             raise ValueError(f"step: rows must lie in [-{coef.shape[0]}, {coef.shape[0]}) (rows of coef), "
                              f"got {rows.tolist()}")
-        used = coef[rows]
-    if coef.device.type == "cpu" and not bool(torch.isfinite(used).all()):
-        bad = (~torch.isfinite(used)).nonzero()[0].tolist()
-        raise ValueError(f"step: coef has non-finite coefficients in the rows used (first at {bad}: "
-                         f"{L.names()[bad[-1]]})")
+    if coef.device.type != "cpu":
+        return
+    seen = _FINITE.get(id(coef))
+    if seen is not None and seen[0]() is coef and seen[1] == coef._version:
+        return
+    if not bool(torch.isfinite(coef).all()):
+        r, j = (~torch.isfinite(coef)).nonzero()[0].tolist()
+        raise ValueError(f"step: coef has a non-finite coefficient at row {r}: {L.names()[j]} = {coef[r, j].item()}")
+    if len(_FINITE) > 256:
+        _FINITE.clear()
+    _FINITE[id(coef)] = (weakref.ref(coef), coef._version)
 
 
 def validate(
@@ -202,32 +208,30 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+# The order of fastdiff._C.step_fields (csrc/bindings.cpp); tests/test_build.py checks they agree.
+NATIVE_FIELDS = ("batch", "numel", "dtype", "x", "e0", "e1", "eu0", "eu1", "m0", "m1", "m2", "x_last", "offset",
+                 "idx", "row_table", "var_table", "table_rows", "noise", "seeds", "noise_step", "noise_stream",
+                 "coef", "coef_rows", "row", "rows", "rows_len", "clamp", "n_out", "out0", "out1", "out2")
+
+
+def native_args(a: StepArgs, outs: list[torch.Tensor]) -> tuple:
+    """The flat parameter tuple of the native kernels, in NATIVE_FIELDS order."""
+    e = [*a.e, None, None]
+    eu = [*(a.e_uncond or ()), None, None]
+    m = [*a.m, None, None, None]
+    o = [*outs, None, None]
+    table = a.row_table if a.row_table is not None else a.var_table
+    return (a.batch, a.numel, _DTYPE_CODE[a.dtype], _ptr(a.x), _ptr(e[0]), _ptr(e[1]), _ptr(eu[0]), _ptr(eu[1]),
+            _ptr(m[0]), _ptr(m[1]), _ptr(m[2]), _ptr(a.x_last), _ptr(a.offset), _ptr(a.idx), _ptr(a.row_table),
+            _ptr(a.var_table), 0 if table is None else table.shape[0], _ptr(a.noise), _ptr(a.seeds),
+            a.noise_step & 0xFFFFFFFF, a.noise_stream & 0xFFFFFFFF, _ptr(a.coef), a.coef.shape[0], a.row,
+            _ptr(a.rows), 0 if a.rows is None else a.rows.shape[0], a.clamp, a.n_out, _ptr(o[0]),
+            _ptr(o[1]) if a.n_out > 1 else 0, _ptr(o[2]) if a.n_out > 2 else 0)
+
+
 def _run_native(a: StepArgs, outs: list[torch.Tensor], cuda: bool) -> None:
     _C = backends.native()[0]
-    p = _C.StepParams()
-    p.batch, p.numel, p.dtype = a.batch, a.numel, _DTYPE_CODE[a.dtype]
-    p.x = _ptr(a.x)
-    if a.e:
-        p.e0 = _ptr(a.e[0])
-        p.e1 = _ptr(a.e[1]) if len(a.e) > 1 else 0
-        if a.e_uncond is not None:
-            p.eu0 = _ptr(a.e_uncond[0])
-            p.eu1 = _ptr(a.e_uncond[1]) if len(a.e) > 1 else 0
-    for j, t in enumerate(a.m):
-        setattr(p, f"m{j}", _ptr(t))
-    p.x_last = _ptr(a.x_last)
-    p.offset, p.idx = _ptr(a.offset), _ptr(a.idx)
-    p.row_table, p.var_table = _ptr(a.row_table), _ptr(a.var_table)
-    t = a.row_table if a.row_table is not None else a.var_table
-    p.table_rows = 0 if t is None else t.shape[0]
-    p.noise, p.seeds = _ptr(a.noise), _ptr(a.seeds)
-    p.noise_step, p.noise_stream = a.noise_step & 0xFFFFFFFF, a.noise_stream & 0xFFFFFFFF
-    p.coef, p.coef_rows, p.row = _ptr(a.coef), a.coef.shape[0], a.row
-    p.rows, p.rows_len = _ptr(a.rows), 0 if a.rows is None else a.rows.shape[0]
-    p.clamp, p.n_out = a.clamp, a.n_out
-    p.out0 = _ptr(outs[0])
-    p.out1 = _ptr(outs[1]) if a.n_out > 1 else 0
-    p.out2 = _ptr(outs[2]) if a.n_out > 2 else 0
+    p = native_args(a, outs)
     if cuda:
         dev = a.device.index if a.device.index is not None else torch.cuda.current_device()
         _C.step_cuda(p, dev, torch.cuda.current_stream(a.device).cuda_stream)

@@ -5,9 +5,12 @@
 //   out_k = CX*x + CE0*e_0 + CE1*e_1 + CX0*x0 + sum_j CMj*m_j + CLAST*x_last
 //         + COFF*offset[n] + CROW*row_table[idx_n, i] + CZ*s*z,   s = sqrt(max(VAR - var_table[idx_n, i], 0)) or 1
 // DDIM, DDPM, DPM-Solver++, UniPC, Euler/Heun, DDM, IADB, Mix-DDPM and DDIM-GMM differ only in the
-// coefficients (fastdiff/samplers/*). This header holds the parameters and the arithmetic on a group of
-// N consecutive elements of one sample; the CPU loop (N = a cache-sized chunk) and the CUDA kernel
-// (N = one 16-byte vector per thread) supply the loads and store the results.
+// coefficients (fastdiff/samplers/*).
+//
+// Everything but the clamp and the noise's std is linear, so a sample's step is a set of *streams*:
+// each input tensor v_s with a weight a_s in x0 and weights c_sk in the outputs (guidance folds into
+// them: e = (1-G)*uncond + G*cond). step_streams() maps a plan row onto streams, once per sample;
+// the CPU loop and the CUDA kernel then only stream: x0 += a_s*v_s, out_k += c_sk*v_s, finish.
 #pragma once
 #include <cmath>
 
@@ -53,28 +56,6 @@ struct StepParams {
   void* out2 = nullptr;
 };
 
-// Which terms are present: checked once per group of N elements, so absent terms cost nothing.
-struct StepTerms {
-  bool x, guided, last, offset, row, var, noise, clamp;
-  int n_e, n_m, n_out;
-};
-
-FD_HD FD_INLINE StepTerms step_terms(const StepParams& p) {
-  StepTerms t;
-  t.x = p.x != nullptr;
-  t.n_e = p.e0 ? (p.e1 ? 2 : 1) : 0;
-  t.guided = p.eu0 != nullptr;
-  t.n_m = p.m0 ? (p.m1 ? (p.m2 ? 3 : 2) : 1) : 0;
-  t.last = p.x_last != nullptr;
-  t.offset = p.offset != nullptr;
-  t.row = p.row_table != nullptr;
-  t.var = p.var_table != nullptr;
-  t.noise = p.noise != nullptr || p.seeds != nullptr;
-  t.clamp = p.clamp;
-  t.n_out = p.n_out;
-  return t;
-}
-
 // The plan row of sample n; negative rows count from the end, as Python indexes. An index outside the
 // table yields NaN coefficients: a device-side index cannot be checked on the host without a sync, and
 // NaN output is loud where a clamp would be silent.
@@ -82,110 +63,111 @@ FD_HD FD_INLINE int64_t step_row(const StepParams& p, int64_t n) {
   const int64_t r = p.rows ? p.rows[p.rows_len == 1 ? 0 : n] : p.row;
   return r < 0 ? r + p.coef_rows : r;
 }
+
 FD_HD FD_INLINE float step_coef(const StepParams& p, int64_t r, int j) {
   return (r >= 0 && r < p.coef_rows) ? p.coef[r * kNumCoef + j] : NAN;
 }
 
-// The inputs a step reads, in the order step_lanes asks for them.
-enum StepInput : int { kInX, kInE0, kInE1, kInEU0, kInEU1, kInM0, kInM1, kInM2, kInLast, kInRow, kInVar, kInNoise };
+FD_HD FD_INLINE int dtype_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
 
-// out_k += c_k[col]*v for the NOUT outputs, and x0 += a_x0*v (X0 = 1) or x0 = a_x0*v (X0 = 2): one pass
-// folds an input in. (Assigning the first x0 term spares a memset, which compiles to a slow `rep stos`.)
-enum X0Fold : int { kX0None = 0, kX0Add = 1, kX0Set = 2 };
-template <int N, int NOUT, int X0>
-FD_HD FD_INLINE void fold(const float* __restrict__ c, float a_x0, int col, const float* __restrict__ v,
-                          float (&x0)[N], float (&out)[kMaxOut][N]) {
-  const float c0 = c[kOut + col], c1 = c[kOut + kPerOut + col], c2 = c[kOut + 2 * kPerOut + col];
-  FD_UNROLL
-  for (int j = 0; j < N; ++j) {
-    if (X0 == kX0Add) x0[j] += a_x0 * v[j];
-    if (X0 == kX0Set) x0[j] = a_x0 * v[j];
-    out[0][j] += c0 * v[j];
-    if (NOUT > 1) out[1][j] += c1 * v[j];
-    if (NOUT > 2) out[2][j] += c2 * v[j];
-  }
+constexpr int kMaxStreams = 10;  // x, e0, e1, eu0, eu1, m0, m1, m2, x_last, noise
+
+// One sample's step as streams (see the top of this file). Pointers are at the sample's first element.
+struct StepStreams {
+  int ns;                           // streams in the storage dtype
+  const void* p[kMaxStreams];
+  float a[kMaxStreams];             // weight in x0 (0 for the terms after the clamp)
+  float c[kMaxStreams][kMaxOut];    // weight in each output
+  const float* row;                 // fp32 stream: row_table[idx_n] (null: none)
+  float c_row[kMaxOut];
+  bool z;                           // noise that needs work first: in-kernel Philox, or a std row
+  const void* noise;                //   given noise (storage dtype), else Philox with `seed`
+  uint64_t seed;
+  const float* var;                 //   var_table[idx_n] (null: std 1)
+  float var_total;                  //   VAR: std = sqrt(max(VAR - var, 0))
+  float c_z[kMaxOut];
+  float as, r;                      // x0 = clamp(as * sum_s a_s v_s, -r, r)  (r = inf: no clamp)
+  float c_x0[kMaxOut];
+  float base[kMaxOut];              // COFF*offset[n]; NaN when idx[n] is outside the tables
+};
+
+FD_HD FD_INLINE void push_stream(StepStreams& s, const void* base, int64_t off, float a, const float* ck,
+                                 float w) {
+  s.p[s.ns] = static_cast<const char*>(base) + off;
+  s.a[s.ns] = a;
+  for (int k = 0; k < kMaxOut; ++k) s.c[s.ns][k] = w * ck[k * kPerOut];
+  ++s.ns;
 }
 
-// min(max(v, lo), hi) written with comparisons: vectorises on the CPU (fminf would not), keeps NaN.
-FD_HD FD_INLINE float clampf(float v, float lo, float hi) {
+// Sample n's streams from its coefficient row c (kNumCoef floats).
+FD_HD FD_INLINE void step_streams(const StepParams& p, const float* c, int64_t n, StepStreams& s) {
+  const int64_t off = n * p.numel * dtype_size(p.dtype);  // bytes to sample n
+  const float* out = c + kOut;                            // out[k*kPerOut + term]
+  s.ns = 0;
+  if (p.x) push_stream(s, p.x, off, c[kAX], out + kCX, 1.0f);
+  const void* e[2] = {p.e0, p.e1};
+  const void* eu[2] = {p.eu0, p.eu1};
+  const float g = c[kG];
+  for (int i = 0; i < 2; ++i) {
+    if (!e[i]) break;
+    if (eu[i]) {  // e = uncond + g*(cond - uncond) = g*cond + (1 - g)*uncond
+      push_stream(s, e[i], off, g * c[kAE0 + i], out + kCE0 + i, g);
+      push_stream(s, eu[i], off, (1.0f - g) * c[kAE0 + i], out + kCE0 + i, 1.0f - g);
+    } else {
+      push_stream(s, e[i], off, c[kAE0 + i], out + kCE0 + i, 1.0f);
+    }
+  }
+  const void* m[3] = {p.m0, p.m1, p.m2};
+  for (int i = 0; i < 3; ++i)
+    if (m[i]) push_stream(s, m[i], off, 0.0f, out + kCM0 + i, 1.0f);
+  if (p.x_last) push_stream(s, p.x_last, off, 0.0f, out + kCLast, 1.0f);
+
+  const int64_t k = p.idx ? p.idx[n] : 0;
+  const bool k_ok = !p.idx || (k >= 0 && k < p.table_rows);
+  s.row = p.row_table && k_ok ? p.row_table + k * p.numel : nullptr;
+  s.var = p.var_table && k_ok ? p.var_table + k * p.numel : nullptr;
+  s.var_total = c[kVar];
+  s.noise = p.noise ? static_cast<const char*>(p.noise) + off : nullptr;
+  s.seed = p.seeds ? uint64_t(p.seeds[n]) : 0;
+  s.z = p.seeds || (p.noise && p.var_table);
+  if (p.noise && !s.z) push_stream(s, p.noise, off, 0.0f, out + kCZ, 1.0f);
+  const float offset = p.offset ? p.offset[n] : 0.0f;
+  for (int j = 0; j < kMaxOut; ++j) {
+    s.c_row[j] = out[j * kPerOut + kCRow];
+    s.c_z[j] = out[j * kPerOut + kCZ];
+    s.c_x0[j] = out[j * kPerOut + kCX0];
+    s.base[j] = (p.offset ? out[j * kPerOut + kCOff] * offset : 0.0f) + (k_ok ? 0.0f : NAN);
+  }
+  s.as = c[kAS];
+  s.r = p.clamp ? c[kR] : INFINITY;
+}
+
+// min(max(v, lo), hi) with comparisons: keeps NaN, and works on GCC vector types as on floats.
+template <typename V>
+FD_HD FD_INLINE V clampf(V v, float lo, float hi) {
   v = v < lo ? lo : v;
   return v > hi ? hi : v;
-}
-
-// The arithmetic of one step on N consecutive elements of one sample, for NOUT outputs; c is the
-// sample's coefficient row. `load(input, buf)` returns N fp32 values of an input: buf filled by the
-// backend (dtype conversion, in-kernel noise), or a pointer straight into fp32 memory. Each input is
-// folded into the outputs as soon as it arrives, so at most six lane arrays are live (registers on the
-// GPU, L1 on the CPU) whatever the terms; terms are tested once, outside the lane loops.
-template <int N, int NOUT, class Load>
-FD_HD FD_INLINE void step_lanes(const float* __restrict__ c, const StepTerms& t, float offset, Load& load,
-                                float (&out)[kMaxOut][N]) {
-  float x0[N], buf[N];
-  for (int k = 0; k < NOUT; ++k) {
-    const float base = t.offset ? c[kOut + k * kPerOut + kCOff] * offset : 0.0f;
-    FD_UNROLL
-    for (int j = 0; j < N; ++j) out[k][j] = base;
-  }
-  if (t.x) {
-    fold<N, NOUT, kX0Set>(c, c[kAX], kCX, load(kInX, buf), x0, out);
-  } else {
-    FD_UNROLL
-    for (int j = 0; j < N; ++j) x0[j] = 0.0f;
-  }
-  for (int i = 0; i < 2; ++i) {
-    if (i >= t.n_e) break;
-    const float* v = load(i == 0 ? kInE0 : kInE1, buf);
-    if (t.guided) {  // classifier-free guidance: e = uncond + g*(cond - uncond)
-      float ubuf[N];
-      const float* u = load(i == 0 ? kInEU0 : kInEU1, ubuf);
-      const float g = c[kG];
-      FD_UNROLL
-      for (int j = 0; j < N; ++j) buf[j] = u[j] + g * (v[j] - u[j]);
-      v = buf;
-    }
-    fold<N, NOUT, kX0Add>(c, c[kAE0 + i], kCE0 + i, v, x0, out);
-  }
-  const float as = c[kAS];  // data prediction x0 = clamp(AS*(AX*x + AE0*e0 + AE1*e1), -R, R)
-  if (t.clamp) {
-    const float r = c[kR];
-    FD_UNROLL
-    for (int j = 0; j < N; ++j) x0[j] = clampf(as * x0[j], -r, r);
-  } else {
-    FD_UNROLL
-    for (int j = 0; j < N; ++j) x0[j] *= as;
-  }
-  fold<N, NOUT, kX0None>(c, 0.0f, kCX0, x0, x0, out);
-  for (int i = 0; i < 3; ++i) {
-    if (i >= t.n_m) break;
-    fold<N, NOUT, kX0None>(c, 0.0f, kCM0 + i, load(kInM0 + i, buf), x0, out);
-  }
-  if (t.last) fold<N, NOUT, kX0None>(c, 0.0f, kCLast, load(kInLast, buf), x0, out);
-  if (t.row) fold<N, NOUT, kX0None>(c, 0.0f, kCRow, load(kInRow, buf), x0, out);
-  if (t.noise) {
-    const float* z = load(kInNoise, buf);
-    if (t.var) {  // per-element std of the gathered component, clipped at 0 (Gabbur, App. A.5)
-      float vbuf[N];
-      const float* var = load(kInVar, vbuf);
-      const float s2 = c[kVar];
-      FD_UNROLL
-      for (int j = 0; j < N; ++j) buf[j] = z[j] * sqrtf(clampf(s2 - var[j], 0.0f, INFINITY));
-      z = buf;
-    }
-    fold<N, NOUT, kX0None>(c, 0.0f, kCZ, z, x0, out);
-  }
 }
 
 // In-kernel noise for elements [i0, i0 + N) of a sample, i0 a multiple of 4.
 template <int N>
 FD_HD FD_INLINE void philox_lanes(uint64_t seed, int64_t i0, uint32_t step, uint32_t stream, float (&z)[N]) {
   static_assert(N % 4 == 0, "noise lanes come in groups of 4");
-FD_UNROLL
+  FD_UNROLL
   for (int g = 0; g < N / 4; ++g) {
     float q[4];
     philox_normal4(seed, uint64_t(i0 / 4 + g), step, stream, q);
-FD_UNROLL
+    FD_UNROLL
     for (int j = 0; j < 4; ++j) z[4 * g + j] = q[j];
   }
+}
+
+// z *= sqrt(max(VAR - var, 0)): the gathered component's std, clipped at 0 (Gabbur, App. A.5).
+template <int N>
+FD_HD FD_INLINE void scale_by_std(float (&z)[N], const float* var, float var_total, int n) {
+  if (!var) return;
+  FD_UNROLL
+  for (int j = 0; j < N; ++j) z[j] *= sqrtf(clampf(var_total - (j < n ? var[j] : 0.0f), 0.0f, INFINITY));
 }
 
 }  // namespace fastdiff

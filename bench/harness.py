@@ -1,0 +1,249 @@
+"""The one benchmark harness (STYLE.md, "One benchmark harness, thin scripts").
+
+A ``bench_<op>.py`` script only builds inputs: for each ``Provider`` a setup function returns a
+``Bench`` (a zero-arg callable to time, returning the tensor to check, and the bytes it must move) or
+raises ``Skip(reason)`` (an ``ImportError`` counts as a skip too). ``run`` checks every output against
+the script's expected tensor *before* timing (a wrong kernel is not timed), times (CPU: repeated
+``perf_counter``; CUDA: ``triton.testing.do_bench``, else CUDA events; medians), measures the machine's
+copy bandwidth in the same run, prints an aligned table and appends JSON lines to
+``<out>/<device-slug>-<op>.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import fnmatch
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # max|out-ref| / max|ref|
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class Skip(Exception):
+    """Raised by a provider's setup when it cannot run here; the message is the reason."""
+
+
+@dataclass
+class Bench:
+    """What a provider's setup returns: ``fn()`` is timed and returns the tensor to check (or None)."""
+
+    fn: Callable[[], Any]
+    nbytes: int                             # bytes the op must move (reads + writes), for GB/s
+    expected: torch.Tensor | None = None    # overrides the script's expected output (other coordinates)
+    compile_s: float | None = None          # first call (compilation) time, reported apart
+    note: str = ""
+
+
+@dataclass
+class Provider:
+    name: str
+    setup: Callable[[], Bench]
+
+
+def add_args(p: argparse.ArgumentParser, shape: Sequence[int]) -> argparse.ArgumentParser:
+    """The flags every script takes."""
+    p.add_argument("--shape", default="x".join(map(str, shape)), help="e.g. 16x4x256x256 (default %(default)s)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default %(default)s)")
+    p.add_argument("--providers", default="*", help="comma-separated names or globs (default: all)")
+    p.add_argument("--repeats", type=int, default=50, help="timed samples per provider (default %(default)s)")
+    p.add_argument("--quick", action="store_true", help="few repeats, small copy-bandwidth probe (smoke run)")
+    p.add_argument("--baseline", default="diffusers", help="row the speed-up is against (default %(default)s)")
+    p.add_argument("--out", default=str(RESULTS), help="results folder (default bench/results)")
+    return p
+
+
+def parse_shape(s: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in re.split(r"[x,\s]+", s.strip()) if v)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], Any], device: torch.device, repeats: int) -> dict[str, float]:
+    """Per-call times in ms: median, q25, q75, min over ``repeats`` samples, after warm-up (CPU: a
+    sample is ``inner`` back-to-back calls lasting >= 1 ms; CUDA: do_bench picks its own count)."""
+    inner = 1
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench  # flushes L2 between calls: memory-bound ops see DRAM
+            ts = list(do_bench(fn, warmup=25, rep=max(20, 2 * repeats), return_mode="all"))
+        except ImportError:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            for _ in range(5):
+                fn()
+            ts = []
+            for _ in range(repeats):
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                ts.append(start.elapsed_time(end))
+    else:
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        inner = max(1, int(1e-3 / max(time.perf_counter() - t0, 1e-9)))  # samples >= 1 ms: timer resolution
+        ts, warm = [], max(2, repeats // 5)
+        for i in range(warm + repeats):  # the first `warm` samples are warm-up
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            if i >= warm:
+                ts.append((time.perf_counter() - t0) * 1e3 / inner)
+    q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+    return {"median_ms": statistics.median(ts), "q25_ms": q[0], "q75_ms": q[2], "min_ms": min(ts), "n": len(ts),
+            "inner": inner}
+
+
+def copy_bandwidth(device: torch.device, quick: bool) -> float:
+    """GB/s of ``dst.copy_(src)`` on a buffer larger than the caches: (read + write bytes) / median time."""
+    nbytes = (64 if quick else 512) << 20 if device.type == "cpu" else (256 if quick else 1024) << 20
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    ms = measure(lambda: dst.copy_(src), device, 5 if quick else 20)["median_ms"]
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def compile_bench(fn: Callable[..., Any], args: Sequence[Any], nbytes: int, device: torch.device) -> Bench:
+    """``torch.compile`` (inductor, default mode) of ``fn(*args)``; the first call's time is compile_s."""
+    try:
+        cfn = torch.compile(fn)
+        t0 = time.perf_counter()
+        cfn(*args)
+        _sync(device)
+        compile_s = time.perf_counter() - t0
+    except Exception as exc:  # no C++ compiler, unsupported op, ...: a skipped row, not a crash
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise Skip(f"torch.compile failed: {first[:160]}") from None
+    return Bench(lambda: cfn(*args), nbytes, compile_s=compile_s)
+
+
+def _git() -> dict[str, Any]:
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=Path(__file__).parent, capture_output=True, text=True).stdout.strip()
+    return {"commit": git("rev-parse", "--short", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(mod: str) -> str | None:
+    try:
+        return __import__(mod).__version__
+    except Exception:
+        return None
+
+
+def header(op: str, device: torch.device, argv: Sequence[str]) -> dict[str, Any]:
+    """The run record: device, cores, load average (other work skews CPU timings), versions, git commit,
+    date, command line."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"kind": "header", "run": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "op": op,
+            "device": _device_name(device), "device_type": device.type, "cores": cores, "loadavg": os.getloadavg(),
+            "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "versions": {"python": platform.python_version(), **{m: _version(m) for m in
+                         ("torch", "triton", "diffusers", "k_diffusion", "fastdiff")}},
+            "git": _git(), "argv": list(argv)}
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    if out.shape != ref.shape:
+        return float("inf")
+    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(rows: list[dict[str, Any]], baseline: str) -> str:
+    """The rows as an aligned text table."""
+    cols = ["op", "shape", "dtype", "provider", "median ms", "IQR ms", "min ms", "GB/s", "% copy",
+            f"x vs {baseline}", "max rel err", "compile s", "note"]
+    body = [[r["op"], "x".join(map(str, r["shape"])), r["dtype"], r["provider"], _fmt(r.get("median_ms"), ".4g"),
+             "-" if r.get("q25_ms") is None else f"{r['q25_ms']:.4g}-{r['q75_ms']:.4g}", _fmt(r.get("min_ms"), ".4g"),
+             _fmt(r.get("gbps"), ".3g"), _fmt(r.get("copy_pct"), ".0f"), _fmt(r.get("speedup"), ".2f"),
+             _fmt(r.get("max_rel_err"), ".1e"), _fmt(r.get("compile_s"), ".1f"), r.get("note", "")] for r in rows]
+    w = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.ljust(w[i]) if i in (0, 3, 12) else v.rjust(w[i]) for i, v in enumerate(vals))
+    return "\n".join(s.rstrip() for s in [line(cols), line(["-" * x for x in w]), *map(line, body)])
+
+
+def run(op: str, args: argparse.Namespace, providers: Sequence[Provider], expected: torch.Tensor | None,
+        argv: Sequence[str] | None = None) -> int:
+    """Check, time and report every selected provider. Returns 1 if any output was wrong, else 0."""
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    repeats = min(args.repeats, 10) if args.quick else args.repeats
+    pats = [p.strip() for p in args.providers.split(",") if p.strip()]
+    chosen = [p for p in providers if any(fnmatch.fnmatchcase(p.name, pat) for pat in pats)]
+    if not chosen:
+        raise SystemExit(f"--providers {args.providers!r} matches none of {[p.name for p in providers]}")
+    head = header(op, device, sys.argv if argv is None else argv)
+    head["copy_gbps"] = copy_bw = copy_bandwidth(device, args.quick)
+    print(f"# {op} on {head['device']} ({head['cores']} cores, torch threads {head['torch_threads']}, "
+          f"load {head['loadavg'][0]:.2f}), "
+          f"git {head['git']['commit']}{' dirty' if head['git']['dirty'] else ''}, copy bandwidth {copy_bw:.3g} GB/s")
+    rows, failed = [], False
+    for p in chosen:
+        row: dict[str, Any] = {"kind": "row", "run": head["run"], "op": op, "shape": list(parse_shape(args.shape)),
+                               "dtype": args.dtype, "device": str(device), "provider": p.name}
+        try:
+            b = p.setup()
+            out = b.fn()
+            _sync(device)
+            ref = b.expected if b.expected is not None else expected
+            if out is not None and ref is not None:
+                row["max_rel_err"] = err = _rel_err(out, ref)
+                if not err <= TOL[dtype]:
+                    raise Skip(f"WRONG: max rel err {err:.2e} > {TOL[dtype]:.0e}, not timed")
+            row.update(measure(b.fn, device, repeats), nbytes=b.nbytes, compile_s=b.compile_s, note=b.note)
+            row["gbps"] = b.nbytes / (row["median_ms"] * 1e-3) / 1e9
+            row["copy_pct"] = 100 * row["gbps"] / copy_bw
+            row["status"] = "ok"
+        except (Skip, ImportError) as exc:  # ImportError: an optional dependency is missing
+            failed |= str(exc).startswith("WRONG")
+            row.update(status="wrong" if str(exc).startswith("WRONG") else "skipped", note=str(exc))
+        print(f"  {p.name}: {row['status']}" + (f" {row['median_ms']:.4g} ms" if "median_ms" in row else ""),
+              file=sys.stderr)
+        rows.append(row)
+    base = next((r for r in rows if r["provider"] == args.baseline and r["status"] == "ok"), None)
+    for r in rows:
+        if base is not None and r["status"] == "ok":
+            r["speedup"], r["baseline"] = base["median_ms"] / r["median_ms"], args.baseline
+    print(table(rows, args.baseline))
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", head["device"].lower()).strip("-") or device.type
+    path = out_dir / f"{slug}-{op}.jsonl"
+    with path.open("a") as f:  # append: every run adds a header and its rows (same "run" stamp)
+        for rec in (head, *rows):
+            f.write(json.dumps(rec) + "\n")
+    print(f"# appended {len(rows)} rows to {path}")
+    return int(failed)
