@@ -10,7 +10,7 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="versions, available backends and why not, CUDA archs, GPU")
     demo = sub.add_parser("demo", help="sample the built-in Gaussian-mixture oracle with DDIM, vs diffusers")
     demo.add_argument("--out", default="demo_out", help="folder for the PNG (default: demo_out)")
-    demo.add_argument("--batch", type=int, default=64, help="samples per run (default: 64)")
+    demo.add_argument("--batch", type=int, default=256, help="samples per run (default: 256)")
     demo.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     args = parser.parse_args(argv)
     if args.command == "info":
