@@ -82,6 +82,19 @@ def test_closed_form_terms(backend):
     assert torch.equal(o2, offset[:, None].expand(2, 12))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_outputs_round_to_nearest_even(backend, dtype):
+    """out = c*x with c = 1 + 5/1024: the product is exact in fp32, so each output must equal torch's
+    own round-to-nearest-even conversion of the exact value."""
+    require_backend(backend)
+    x = (torch.randn(4, 999, generator=torch.Generator().manual_seed(0)) * 100).to(dtype)
+    coef = torch.zeros(1, L.NUM_COEF)
+    coef[0, L.out(0, L.CX)] = 1 + 5 / 1024
+    (out,) = ops.step(coef, x, backend=backend)
+    assert torch.equal(out, (x.double() * (1 + 5 / 1024)).to(dtype))
+
+
 def test_bad_input_is_named():
     kw = make_case(CONFIGS["ddim"], (2, 3, 4, 4))
     cases = [

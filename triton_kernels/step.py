@@ -24,6 +24,19 @@ def _load(ptr, offs, mask):
 
 
 @triton.jit
+def _store(ptr, offs, v, mask):
+    """Store fp32 v in ptr's dtype, rounding to nearest even. bfloat16 is rounded by hand, as in
+    csrc/include/fastdiff/common.cuh: the Triton interpreter's own cast truncates."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        u = v.to(tl.uint32, bitcast=True)
+        r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x40, r)  # NaN stays NaN
+        tl.store(ptr + offs, r.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptr + offs, v.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _output(k: tl.constexpr, row_ptr, valid, x, e0, e1, x0, m0, m1, m2, last, off, row, z,
             HAS_X: tl.constexpr, N_E: tl.constexpr, N_M: tl.constexpr, HAS_LAST: tl.constexpr,
             HAS_OFFSET: tl.constexpr, HAS_ROW: tl.constexpr, HAS_NOISE: tl.constexpr):
@@ -129,15 +142,15 @@ def _step_kernel(
     HAS_NOISE: tl.constexpr = NOISE > 0
     o = _output(0, row_ptr, valid, x, e0, e1, x0, m0, m1, m2, last, off, rowv, z,
                 HAS_X, N_E, N_M, HAS_LAST, HAS_OFFSET, HAS_ROW, HAS_NOISE)
-    tl.store(out0_ptr + at, o.to(out0_ptr.dtype.element_ty), mask=mask)
+    _store(out0_ptr, at, o, mask)
     if N_OUT > 1:
         o = _output(1, row_ptr, valid, x, e0, e1, x0, m0, m1, m2, last, off, rowv, z,
                     HAS_X, N_E, N_M, HAS_LAST, HAS_OFFSET, HAS_ROW, HAS_NOISE)
-        tl.store(out1_ptr + at, o.to(out1_ptr.dtype.element_ty), mask=mask)
+        _store(out1_ptr, at, o, mask)
     if N_OUT > 2:
         o = _output(2, row_ptr, valid, x, e0, e1, x0, m0, m1, m2, last, off, rowv, z,
                     HAS_X, N_E, N_M, HAS_LAST, HAS_OFFSET, HAS_ROW, HAS_NOISE)
-        tl.store(out2_ptr + at, o.to(out2_ptr.dtype.element_ty), mask=mask)
+        _store(out2_ptr, at, o, mask)
 
 
 def launch(a, outs) -> None:

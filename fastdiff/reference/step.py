@@ -55,41 +55,29 @@ def step(
 
     e = [f(t) for t in e]
     if e_uncond is not None:  # e = uncond + g*(cond - uncond)
-        e = [f(u) + col(L.G) * (cond - f(u)) for cond, u in zip(e, e_uncond)]
-    zero = torch.zeros((), dtype=compute_dtype, device=c.device)
+        e = [torch.addcmul(f(u), col(L.G), cond - f(u)) for cond, u in zip(e, e_uncond)]
     x = f(x) if x is not None else None
-    x0 = col(L.AX) * x if x is not None else zero
+    x0 = col(L.AX) * x if x is not None else torch.zeros((), dtype=compute_dtype, device=c.device)
     for i, ei in enumerate(e):
-        x0 = x0 + col(L.AE0 + i) * ei
+        x0 = torch.addcmul(x0, col(L.AE0 + i), ei)
     x0 = col(L.AS) * x0
     if clamp:
-        r = col(L.R)
-        x0 = torch.minimum(torch.maximum(x0, -r), r)
+        x0 = torch.clamp(x0, min=-col(L.R), max=col(L.R))
     if z is not None:
         z = f(z)
         if var_table is not None:
             z = z * torch.sqrt(torch.clamp(col(L.VAR) - var_table[idx].reshape(shape).to(compute_dtype), min=0))
     row = row_table[idx].reshape(shape).to(compute_dtype) if row_table is not None else None
+    terms = [(L.CX, x), *((L.CE0 + i, ei) for i, ei in enumerate(e)), *((L.CM0 + j, f(mj)) for j, mj in enumerate(m)),
+             (L.CLAST, None if x_last is None else f(x_last)), (L.CROW, row), (L.CZ, z)]
 
     outs = []
     for k in range(n_out):
-        def a(term: int) -> torch.Tensor:
-            return col(L.out(k, term))
-
-        o = a(L.CX0) * x0
-        if x is not None:
-            o = o + a(L.CX) * x
-        for i, ei in enumerate(e):
-            o = o + a(L.CE0 + i) * ei
-        for j, mj in enumerate(m):
-            o = o + a(L.CM0 + j) * f(mj)
-        if x_last is not None:
-            o = o + a(L.CLAST) * f(x_last)
+        o = col(L.out(k, L.CX0)) * x0
         if offset is not None:
-            o = o + a(L.COFF) * offset.to(compute_dtype).reshape(col(0).shape)
-        if row is not None:
-            o = o + a(L.CROW) * row
-        if z is not None:
-            o = o + a(L.CZ) * z
+            o = o + col(L.out(k, L.COFF)) * offset.to(compute_dtype).reshape(col(0).shape)
+        for term, t in terms:
+            if t is not None:
+                o = torch.addcmul(o, col(L.out(k, term)), t)
         outs.append(o.expand(shape).to(out_dtype))
     return outs
