@@ -267,3 +267,19 @@ def test_bad_input_raises_clearly():
         fast.step(torch.randn(1, 2, 4, 5), 900, x)
     with pytest.raises(ValueError, match="num_inference_steps"):
         fast.set_timesteps(1001)
+
+
+def test_begin_index_sets_the_noise_counter():
+    """set_begin_index (img2img) restarts the seeds' step counter there: step k draws Philox step k."""
+    x, e = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    seeds = sample_seeds(3, 2)
+    ref = DDIMScheduler()
+    ref.set_timesteps(10)
+    fast = FastDDIMScheduler()
+    fast.set_timesteps(10)
+    fast.set_begin_index(5)
+    assert fast.begin_index == 5
+    t = fast.timesteps[5]
+    got = fast.step(e, t, x, eta=1.0, seeds=seeds).prev_sample
+    want = ref.step(e, t, x, eta=1.0, variance_noise=randn(seeds, 48, step=5).reshape(2, 3, 4, 4)).prev_sample
+    assert_close(got, want, atol=1e-6, rtol=1e-6, what="begin_index noise")

@@ -1,0 +1,53 @@
+"""Backend choice and the defensive load of fastdiff._C: without it the package imports, the torch
+backend runs, a forced native backend raises with the reason, and `python -m fastdiff info` says why."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from cases import CONFIGS, make_case, reference64
+from conftest import assert_close
+
+from fastdiff import backends, ops
+
+
+@pytest.fixture
+def no_native(monkeypatch):
+    """The package as it is when fastdiff._C failed to build or load."""
+    monkeypatch.setattr(backends, "native", lambda: (None, "fastdiff._C is not importable (simulated)"))
+    backends._status.cache_clear()
+    backends._CHOICES.clear()
+    yield
+    backends._status.cache_clear()
+    backends._CHOICES.clear()
+
+
+def test_without_native_module_the_torch_backend_serves(no_native):
+    kw = make_case(CONFIGS["gmm"], (2, 3, 4, 4))
+    assert backends.choose(torch.device("cpu")) == "torch"
+    for a, b in zip(ops.step(**kw), reference64(kw)):
+        assert_close(a, b, atol=2e-5, rtol=2e-5, what="fallback")
+    with pytest.raises(RuntimeError, match=r"backend 'cpu' was requested .*\(simulated\)"):
+        ops.step(**kw, backend="cpu")
+
+
+def test_info_says_why_a_backend_is_missing(no_native):
+    from fastdiff.info import report
+
+    text = report()
+    assert "native module: unavailable: fastdiff._C is not importable (simulated)" in text
+    assert "cpu  tensors  automatic choice: torch" in text
+
+
+def test_automatic_choice_prefers_native_on_cpu():
+    if backends.native()[0] is None:
+        pytest.skip("fastdiff._C not built")
+    assert backends.choose(torch.device("cpu")) == "cpu"
+
+
+def test_info_command_runs():
+    out = subprocess.run([sys.executable, "-m", "fastdiff", "info"], capture_output=True, text=True, check=True).stdout
+    for name in backends.BACKENDS:
+        assert f"  {name}" in out
+    assert "CUDA archs compiled" in out or "native module: unavailable" in out
