@@ -101,7 +101,7 @@ class FastDDIMScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy().astype(np.int64))
         self.backend: str | None = None
         self._seeds = None
-        self._coefs: dict[tuple, torch.Tensor] = {}
+        self._cache: dict[tuple, object] = {}  # device tables and seeds, per (kind, ..., device)
         self._begin_index = None
         self._step_count = 0
 
@@ -126,7 +126,7 @@ class FastDDIMScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = num_inference_steps
         ts = schedules.timesteps(num_inference_steps, T, self.config.timestep_spacing, self.config.steps_offset)
         self.timesteps = torch.from_numpy(ts).to(device)
-        self._coefs.clear()
+        self._cache.clear()
         self._step_count = self._begin_index or 0
 
     def set_seeds(self, seeds: int | torch.Tensor | None) -> None:
@@ -185,7 +185,7 @@ class FastDDIMScheduler(SchedulerMixin, ConfigMixin):
         """The float32 table of `kind`, one row per training timestep t (step t -> t - T//N), and a last
         row for t = -1 (abar[-1] -> the end of the chain, as diffusers computes it)."""
         key = (kind, eta, use_clipped, device)
-        coef = self._coefs.get(key)
+        coef = self._cache.get(key)
         if coef is not None:
             return coef
         T, cfg = self.config.num_train_timesteps, self.config
@@ -201,7 +201,7 @@ class FastDDIMScheduler(SchedulerMixin, ConfigMixin):
                              x0_in_slot=kind == "slot")
             if kind == "x0":
                 plan = Plan(x0_table(plan.table), Terms(), name="ddim x0")
-        coef = self._coefs[key] = plan.coef(device)
+        coef = self._cache[key] = plan.coef(device)
         return coef
 
     def _noise(self, eta, model_output, generator, variance_noise, seeds) -> dict:
@@ -220,12 +220,15 @@ class FastDDIMScheduler(SchedulerMixin, ConfigMixin):
                                       dtype=model_output.dtype)}
 
     def _seed_tensor(self, seeds, batch: int, device: torch.device) -> torch.Tensor:
-        if not isinstance(seeds, int):
-            return seeds.to(device, non_blocking=True)
-        key = ("seeds", seeds, batch, device)
-        if key not in self._coefs:  # derived once, not copied to the device every step
-            self._coefs[key] = fd_random.sample_seeds(seeds, batch).to(device)
-        return self._coefs[key]
+        """The [B] int64 seeds on `device`: derived or copied once, not every step."""
+        if isinstance(seeds, torch.Tensor) and seeds.device == device:
+            return seeds
+        key = ("seeds", seeds if isinstance(seeds, int) else id(seeds), batch, device)
+        cached = self._cache.get(key)
+        if cached is None or not (isinstance(seeds, int) or cached[1] is seeds):
+            t = fd_random.sample_seeds(seeds, batch) if isinstance(seeds, int) else seeds
+            cached = self._cache[key] = (t.to(device), seeds)
+        return cached[0]
 
     def _forward(self, kind: str, x: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         dtype = torch.promote_types(x.dtype, noise.dtype)
