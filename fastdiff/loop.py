@@ -38,6 +38,10 @@ def sample(
         seeds: ``[B]`` int64 per-sample seeds when the plan draws noise (step s uses counter s).
         callback: ``callback(s, x_next, extra_outputs)`` after each step.
     """
+    t = plan.terms
+    if t.n_e != 1 or t.guided or t.n_m or t.x_last or t.offset or t.row or t.var:
+        raise ValueError(f"plan: sample() feeds one model output and no history, offsets or tables; "
+                         f"{plan.name} needs {t}")
     if plan.terms.noise and seeds is None:
         raise ValueError(f"seeds: {plan.name} draws noise; pass [B] int64 per-sample seeds")
     if len(timesteps) != plan.steps:

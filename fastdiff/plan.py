@@ -89,13 +89,15 @@ class Plan:
     def per_sample(self) -> bool:
         return self.table.ndim == 3
 
+    def _rows32(self) -> torch.Tensor:
+        return torch.from_numpy(self.table.reshape(-1, L.NUM_COEF).astype(np.float32))
+
     def coef(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The float32 device copy ``[rows, NUM_COEF]`` (uploaded once per device)."""
         device = torch.device(device)
         t = self._device.get(device)
         if t is None:
-            t = torch.from_numpy(self.table.reshape(-1, L.NUM_COEF).astype(np.float32)).to(device)
-            self._device[device] = t
+            t = self._device[device] = self._rows32().to(device)
         return t
 
     def step_args(self, step: int, device: torch.device | str = "cpu") -> dict:
@@ -121,5 +123,5 @@ class Plan:
         if table.shape != self.table.shape:
             raise ValueError(f"{self.name}: refill needs shape {self.table.shape}, got {table.shape}")
         self.table = table
-        for dev, t in self._device.items():
-            t.copy_(torch.from_numpy(table.reshape(-1, L.NUM_COEF).astype(np.float32)).to(dev))
+        for t in self._device.values():
+            t.copy_(self._rows32())

@@ -77,3 +77,11 @@ def test_ddim_step_keeps_the_forward_marginal(eta):
     r = (x_prev - np.sqrt(0.6) * x0).double().flatten()
     assert abs(r.mean().item()) < 5 * np.sqrt(0.4 / n)
     assert abs(r.var().item() - 0.4) < 5 * 0.4 * np.sqrt(2 / n)
+
+
+def test_loop_refuses_plans_it_cannot_feed():
+    from fastdiff.loop import sample
+
+    plan = Plan(new_table(2), Terms(n_m=1), name="multistep")
+    with pytest.raises(ValueError, match="multistep needs"):
+        sample(lambda x, t: x, torch.zeros(1, 4), plan, torch.arange(2))

@@ -23,13 +23,11 @@ from fastdiff import random as fd_random
 from fastdiff.plan import Plan, Terms, x0_table
 from fastdiff.reference.threshold import dynamic_threshold
 from fastdiff.samplers.ddim import (
-    PREDICTION_TYPES,
+    check_prediction_type,
     ddim_plan,
     q_sample_coefficients,
     velocity_coefficients,
 )
-
-SPACINGS = ("leading", "trailing", "linspace")
 
 
 def timestep_rows(timestep, num_train_timesteps: int, device: torch.device) -> tuple[int, torch.Tensor | None]:
@@ -83,10 +81,9 @@ class FastDDIMScheduler(SchedulerMixin, ConfigMixin):
         timestep_spacing: str = "leading",
         rescale_betas_zero_snr: bool = False,
     ):
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {prediction_type!r}")
-        if timestep_spacing not in SPACINGS:
-            raise ValueError(f"timestep_spacing: expected one of {SPACINGS}, got {timestep_spacing!r}")
+        check_prediction_type(prediction_type)
+        if timestep_spacing not in schedules.SPACINGS:  # diffusers finds out only in set_timesteps
+            raise ValueError(f"timestep_spacing: expected one of {schedules.SPACINGS}, got {timestep_spacing!r}")
         betas = schedules.betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                                 rescale_betas_zero_snr)
         self._abar = schedules.alphas_cumprod(betas)  # float64 holding diffusers' float32 values

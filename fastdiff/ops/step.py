@@ -152,10 +152,6 @@ def validate(
             raise ValueError(f"step: rows must have 1 or {B} (batch) entries, got {rows.shape[0]}")
     if not torch.compiler.is_compiling():
         _check_coef_host(coef, row, rows)
-        if idx is not None and isinstance(idx, torch.Tensor) and idx.device.type == "cpu" and idx.numel():
-            K = next((t.shape[0] for t in (row_table, var_table) if t is not None), None)
-            if K is not None and (int(idx.min()) < 0 or int(idx.max()) >= K):
-                raise ValueError(f"step: idx must lie in [0, {K}) (rows of the tables), got {idx.tolist()}")
     K = None
     tables = []
     for name, t in (("row_table", row_table), ("var_table", var_table)):
@@ -167,6 +163,9 @@ def validate(
                 raise ValueError(f"step: row_table and var_table must have the same K, got {K} and {t.shape[0]}")
             K = t.shape[0]
         tables.append(t)
+    if (K is not None and isinstance(idx, torch.Tensor) and idx.device.type == "cpu" and idx.numel()
+            and not torch.compiler.is_compiling() and (int(idx.min()) < 0 or int(idx.max()) >= K)):
+        raise ValueError(f"step: idx must lie in [0, {K}) (rows of the tables), got {idx.tolist()}")
     return StepArgs(
         coef=coef,
         x=big_check("x", x),

@@ -17,7 +17,7 @@ from fastdiff.plan import Plan, Terms, new_table
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-def _check_prediction_type(prediction_type: str) -> None:
+def check_prediction_type(prediction_type: str) -> None:
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
@@ -42,7 +42,7 @@ def ddim_coefficients(
     in as history slot m0 instead of being computed (dynamic thresholding: x0 is thresholded between
     two kernels), and output 1 is omitted.
     """
-    _check_prediction_type(prediction_type)
+    check_prediction_type(prediction_type)
     if eta < 0:
         raise ValueError(f"eta: expected >= 0, got {eta}")
     abar_t, abar_prev = np.broadcast_arrays(np.asarray(abar_t, np.float64), np.asarray(abar_prev, np.float64))
