@@ -53,6 +53,7 @@ setup(
         "fastdiff.reference",
         "fastdiff.samplers",
         "fastdiff.integrations",
+        "fastdiff.integrations.diffusers",
         "fastdiff.triton_kernels",
     ],
     # The Triton kernels live at the top of the repo but install inside the package: a top-level

@@ -29,12 +29,13 @@ int device_count(int* count);
 using fastdiff::StepParams;
 
 // StepParams travels as one flat tuple of integers (pointers as tensor.data_ptr(), 0 = absent), in the
-// order of this list; fastdiff/ops/step.py builds it in the same order (tests/test_build.py compares the
-// names). One tuple converts in ~1 us where setting 30 attributes took ~15 us per step.
+// order of this list, which the module exports as `step_fields`; Python builds the tuple by name in that
+// order, and refuses a module whose names differ from fastdiff/layout.py's STEP_FIELDS. One tuple
+// converts in ~1 us where setting 30 attributes took ~15 us per step.
 #define FD_STEP_FIELDS(X)                                                                                   \
-  X(batch) X(numel) X(dtype) X(x) X(e0) X(e1) X(eu0) X(eu1) X(m0) X(m1) X(m2) X(x_last) X(offset) X(idx)      \
-  X(row_table) X(var_table) X(table_rows) X(noise) X(seeds) X(noise_step) X(noise_stream) X(coef)            \
-  X(coef_rows) X(row) X(rows) X(rows_len) X(clamp) X(n_out) X(out0) X(out1) X(out2)
+  X(batch) X(numel) X(dtype) X(x) X(e0) X(e1) X(eu0) X(eu1) X(m0) X(m1) X(m2) X(x_last) X(offset)            \
+  X(component) X(delta_table) X(var_table) X(table_rows) X(noise) X(seeds) X(noise_step) X(noise_domain)      \
+  X(coef) X(coef_rows) X(row) X(rows) X(rows_len) X(clamp) X(n_out) X(out0) X(out1) X(out2)
 
 #define FD_NAME(field) #field,
 static const char* kStepFields[] = {FD_STEP_FIELDS(FD_NAME)};
@@ -77,29 +78,17 @@ PYBIND11_MODULE(_C, m) {
       },
       "Run one step on host memory (OpenMP). `args`: the values of step_fields, in order.");
 
+  // The coefficient layout (fastdiff/layout.h) by name, compared with fastdiff/layout.py at load time.
   py::dict layout;
-  layout["G"] = int(fastdiff::kG);
-  layout["AS"] = int(fastdiff::kAS);
-  layout["AX"] = int(fastdiff::kAX);
-  layout["AE0"] = int(fastdiff::kAE0);
-  layout["AE1"] = int(fastdiff::kAE1);
-  layout["R"] = int(fastdiff::kR);
-  layout["VAR"] = int(fastdiff::kVar);
-  layout["OUT"] = int(fastdiff::kOut);
-  layout["CX"] = int(fastdiff::kCX);
-  layout["CE0"] = int(fastdiff::kCE0);
-  layout["CE1"] = int(fastdiff::kCE1);
-  layout["CX0"] = int(fastdiff::kCX0);
-  layout["CM0"] = int(fastdiff::kCM0);
-  layout["CM1"] = int(fastdiff::kCM1);
-  layout["CM2"] = int(fastdiff::kCM2);
-  layout["CLAST"] = int(fastdiff::kCLast);
-  layout["COFF"] = int(fastdiff::kCOff);
-  layout["CROW"] = int(fastdiff::kCRow);
-  layout["CZ"] = int(fastdiff::kCZ);
-  layout["PER_OUT"] = int(fastdiff::kPerOut);
-  layout["MAX_OUT"] = fastdiff::kMaxOut;
-  layout["NUM_COEF"] = fastdiff::kNumCoef;
+#define FD_COL(name, value) layout[name] = int(value);
+  FD_COL("G", fastdiff::kG) FD_COL("AS", fastdiff::kAS) FD_COL("AX", fastdiff::kAX) FD_COL("AE0", fastdiff::kAE0)
+  FD_COL("AE1", fastdiff::kAE1) FD_COL("R", fastdiff::kR) FD_COL("VAR", fastdiff::kVar) FD_COL("OUT", fastdiff::kOut)
+  FD_COL("CX", fastdiff::kCX) FD_COL("CE0", fastdiff::kCE0) FD_COL("CE1", fastdiff::kCE1)
+  FD_COL("CX0", fastdiff::kCX0) FD_COL("CM0", fastdiff::kCM0) FD_COL("CM1", fastdiff::kCM1)
+  FD_COL("CM2", fastdiff::kCM2) FD_COL("CLAST", fastdiff::kCLast) FD_COL("COFF", fastdiff::kCOff)
+  FD_COL("CDELTA", fastdiff::kCDelta) FD_COL("CZ", fastdiff::kCZ) FD_COL("PER_OUT", fastdiff::kPerOut)
+  FD_COL("MAX_OUT", fastdiff::kMaxOut) FD_COL("NUM_COEF", fastdiff::kNumCoef)
+#undef FD_COL
   m.attr("layout") = layout;
 
 #if defined(FASTDIFF_WITH_OPENMP)

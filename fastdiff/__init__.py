@@ -1,7 +1,7 @@
 """fastdiff: fused kernels for diffusion sampling, drop-in for diffusers and k-diffusion-style code.
 
-Layers (DESIGN.md): ``schedules`` -> ``plan`` -> ``ops`` -> backends (``reference``, ``_C``,
-``triton_kernels``) -> ``samplers`` -> ``loop`` -> ``integrations``. Submodules load on first use, so
+Layers (docs/architecture.md): ``schedules`` -> ``plan`` -> ``ops`` -> backends (``reference``, ``_C``,
+``triton_kernels``) -> ``samplers`` -> ``stepper`` -> ``loop`` -> ``integrations``. Submodules load on first use, so
 ``import fastdiff`` stays cheap (no triton, no diffusers).
 """
 
@@ -10,7 +10,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = {
-    "backends", "layout", "ops", "plan", "random", "reference", "samplers", "schedules", "oracle", "loop",
+    "backends", "layout", "ops", "plan", "philox", "reference", "samplers", "schedules", "oracle", "loop", "stepper",
     "integrations",
 }
 

@@ -13,21 +13,34 @@ import os
 
 import torch
 
+from fastdiff.layout import STEP_FIELDS, constants
+
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 _AUTO = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def native():
-    """(fastdiff._C or None, why not)."""
+    """(fastdiff._C or None, why not). A module built from other sources than this Python package (its
+    parameter list or coefficient layout differs) is refused: it would read pointers in the wrong places."""
     try:
         from fastdiff import _C
     except ImportError as exc:  # not built, or built for another Python
         return None, f"fastdiff._C is not importable ({exc}); build it with `pip install -e .`"
-    return _C, ""
+    return check_native(_C)
 
 
-@functools.lru_cache(maxsize=None)
+def check_native(mod) -> tuple:
+    """(mod, "") when `mod`'s step parameters and layout are this package's, else (None, why)."""
+    fields, layout = tuple(getattr(mod, "step_fields", ())), dict(getattr(mod, "layout", {}))
+    if fields != STEP_FIELDS or layout != constants():
+        what = "step parameters" if fields != STEP_FIELDS else "coefficient layout"
+        return None, (f"fastdiff._C is stale: its {what} differ from this fastdiff's (fastdiff/layout.py); "
+                      f"rebuild it with `pip install -e .`")
+    return mod, ""
+
+
+@functools.cache
 def triton_kernels():
     """(fastdiff.triton_kernels or None, why not). Imported on first use: triton is slow to import."""
     try:
@@ -41,7 +54,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _status(name: str, device_type: str, interpret: bool) -> tuple[bool, str]:
     if name == "torch":
         return True, ""
@@ -70,12 +83,23 @@ def status(name: str, device: torch.device | str) -> tuple[bool, str]:
 
 
 _CHOICES: dict[tuple, str] = {}
+# os.environ.get of an unset name goes through a KeyError (~1 us); its underlying dict answers in ~50 ns.
+_ENV = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def forced_backend() -> str | None:
+    """FASTDIFF_BACKEND, read on every call (so that setting it at run time takes effect)."""
+    if _ENV is not None:
+        v = _ENV.get(b"FASTDIFF_BACKEND")
+        return v.decode() if v else None
+    return os.environ.get("FASTDIFF_BACKEND") or None
 
 
 def choose(device: torch.device, backend: str | None = None) -> str:
-    """The backend an op runs on for tensors on `device` (cached: this runs on every step)."""
-    forced = backend or os.environ.get("FASTDIFF_BACKEND") or None
-    key = (device.type, forced, os.environ.get("TRITON_INTERPRET"))
+    """The backend an op runs on for tensors on `device` (cached: this runs on every step; whether the
+    Triton interpreter is on is read once, as triton itself does when it is imported)."""
+    forced = backend or forced_backend()
+    key = (device.type, forced)
     name = _CHOICES.get(key)
     if name is None:
         name = _CHOICES[key] = _choose(device, forced)

@@ -87,7 +87,8 @@ def run(out: str = "demo_out", batch: int = 256, device: str | None = None) -> i
     print(f"fastdiff demo: DDIM on {batch} samples {tuple(mixture.shape)} of an {len(mixture.weights)}-component "
           f"Gaussian mixture with its exact eps model, on {dev}.")
     print("Error: RMS against the exact probability-flow ODE solution. Time: median of one step, model excluded.\n")
-    print(f"{'':5} | {'RMS error vs exact ODE':^22} | {'':26} | {'time per step, model excluded':^32} | {'speed-up':^15}")
+    print(f"{'':5} | {'RMS error vs exact ODE':^22} | {'':26} | {'time per step, model excluded':^32} | "
+          f"{'speed-up':^15}")
     print(f"{'steps':>5} | {'diffusers':>10} {'fastdiff':>11} | {'max |fastdiff - diffusers|':>26} | "
           f"{'diffusers':>10} {'drop-in':>10} {'fused loop':>10} | {'drop-in':>7} {'loop':>7}")
     print("-" * 108)

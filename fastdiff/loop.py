@@ -1,8 +1,8 @@
-"""The sampling loop (DESIGN.md layer 6): model call, fused step, callbacks, CUDA-graph capture.
+"""The sampling loop (layer 6): model call, fused step, callbacks, CUDA-graph capture.
 
-``sample`` runs a plan eagerly; ``CapturedSampler`` records the whole loop (model calls included) into
-one CUDA graph and replays it: possible because no step syncs with the host and every coefficient is
-read from the plan's device table.
+``sample`` runs a plan through a ``fastdiff.stepper.Stepper``; ``CapturedSampler`` records the whole loop
+(model calls included) into one CUDA graph and replays it: possible because no step syncs with the host,
+every coefficient is read from the plan's device table and the stepper's buffers stay put.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import torch
 
-from fastdiff import ops
 from fastdiff.plan import Plan
+from fastdiff.stepper import Stepper
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -28,34 +28,41 @@ def sample(
     callback: Callable[[int, torch.Tensor, tuple[torch.Tensor, ...]], None] | None = None,
     inplace: bool = False,
 ) -> torch.Tensor:
-    """Run every step of `plan`: ``e = model(x, timesteps[s])``, then the fused step.
+    """Run every row of `plan`: ``e = model(x, timesteps[s])``, then the fused step s.
 
     Args:
-        model: ``model(x, t) -> output`` (what the plan's prediction type expects).
-        x: ``[B, ...]`` starting sample (noise). Updated in place when ``inplace``.
-        plan: one row per step (``fastdiff.samplers``); its ``terms`` say what the step reads.
+        model: ``model(x, t) -> output`` (what the plan's prediction type expects), or a tuple of two
+            outputs for plans that read two (DDM's (C, eps)).
+        x: ``[B, ...]`` starting sample (noise), any memory layout. Updated in place when ``inplace``.
+        plan: one row per step (``fastdiff.samplers``); history slots and x_last are carried along.
         timesteps: ``[steps]`` (or ``[steps, B]``) model timesteps, on x's device.
-        seeds: ``[B]`` int64 per-sample seeds when the plan draws noise (step s uses counter s).
-        callback: ``callback(s, x_next, extra_outputs)`` after each step.
+        seeds: ``[B]`` int64 per-sample seeds when the plan draws noise (step s draws Philox step s).
+        callback: ``callback(s, x_next, other_outputs)`` after each step.
     """
-    t = plan.terms
-    if t.n_e != 1 or t.guided or t.n_m or t.x_last or t.offset or t.row or t.var:
-        raise ValueError(f"plan: sample() feeds one model output and no history, offsets or tables; "
-                         f"{plan.name} needs {t}")
-    if plan.terms.noise and seeds is None:
-        raise ValueError(f"seeds: {plan.name} draws noise; pass [B] int64 per-sample seeds")
+    if plan.terms.guided:
+        raise ValueError(f"plan: {plan.name} is guided; sample() feeds one model call per step, so drive "
+                         f"guided plans with fastdiff.stepper.Stepper (e_uncond=)")
     if len(timesteps) != plan.steps:
         raise ValueError(f"timesteps: expected {plan.steps} (one per plan step), got {len(timesteps)}")
-    x = x if inplace else x.clone()
-    noise = {"seeds": seeds} if plan.terms.noise else {}
-    extra = [torch.empty_like(x) for _ in range(plan.terms.n_out - 1)]
+    target = x
+    x = x.clone(memory_format=torch.contiguous_format) if not (inplace and x.is_contiguous()) else x
+    stepper = Stepper(plan, backend=backend)
     for s in range(plan.steps):
         e = model(x, timesteps[s])
-        outs = ops.step(x=x, e=[e], out=[x, *extra], noise_step=s, backend=backend, **noise,
-                        **plan.step_args(s, x.device))
+        outs = stepper.step(x, e, seeds=seeds, out=x)  # in place: each element is read before it is written
         if callback is not None:
             callback(s, x, outs[1:])
-    return x
+    if inplace and x is not target:
+        target.copy_(x)
+        return target
+    return x.contiguous(memory_format=_memory_format(target))
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    """The layout a result should keep: channels_last stays channels_last (the steps run contiguous)."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class CapturedSampler:
@@ -69,7 +76,7 @@ class CapturedSampler:
                  seeds: torch.Tensor | None = None, backend: str | None = None, warmup: int = 2):
         if example.device.type != "cuda":
             raise ValueError(f"example: CUDA graphs need a cuda tensor, got {example.device}")
-        self.x = example.clone()
+        self.x = example.clone(memory_format=torch.contiguous_format)
         run = lambda: sample(model, self.x, plan, timesteps, seeds=seeds, backend=backend, inplace=True)  # noqa: E731
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

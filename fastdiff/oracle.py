@@ -124,7 +124,7 @@ class GaussianMixture:
         g, x0, a, s = self._predict(x, alpha, sigma)
         return (a * s * g - s * x0).reshape(x.shape).to(x.dtype)
 
-    def model(self, prediction_type: str = "epsilon", alphas_cumprod=None) -> "OracleModel":
+    def model(self, prediction_type: str = "epsilon", alphas_cumprod=None) -> OracleModel:
         """The exact model as a diffusers-UNet-like callable ``f(x, t).sample``; see ``OracleModel``."""
         return OracleModel(self, prediction_type, alphas_cumprod)
 

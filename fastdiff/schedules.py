@@ -172,19 +172,37 @@ def exponential_sigmas(sigma_min, sigma_max, n) -> np.ndarray:
     return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
 
 
+# numpy >= 2 promotes by dtype (NEP 50); numpy 1.x by value, which changes diffusers' `_sigma_to_t` (below).
+_NEP50 = np.lib.NumpyVersion(np.__version__) >= "2.0.0"
+
+
+def _scalar_array_dtype(scalar_dtype, array_dtype) -> np.dtype:
+    """dtype the installed numpy computes `float scalar (op) float array` in (a 0-d operand counts as a scalar).
+
+    numpy >= 2 (NEP 50): the usual promotion, e.g. float64 scalar - float32 array -> float64. numpy 1.x
+    (value-based casting): a scalar of the array's kind takes the array's dtype when its value fits there
+    (every log sigma does: |log x| < 710 for any float64 x), so float64 scalar - float32 array -> float32.
+    """
+    return np.result_type(scalar_dtype, array_dtype) if _NEP50 else np.dtype(array_dtype)
+
+
 def sigma_to_t(sigma, log_sigmas) -> np.ndarray:
     """Continuous timestep of `sigma`: linear interpolation in log sigma over the grid `log_sigmas` [T]
-    (ascending), clamped to [0, T-1]; t = i + w with w = (log s_i - log sigma)/(log s_i - log s_{i+1}).
+    (ascending), clamped to [0, T-1]; t = i + w with i the last grid point with log s_i <= log sigma and
+    w = (log s_i - log sigma)/(log s_i - log s_{i+1}).
 
-    dtypes follow diffusers' ``_sigma_to_t``: pass its float32 ``log_sigmas`` for equal results (the
-    difference log s_i - log s_{i+1} is then taken in float32, the rest in float64).
+    dtypes follow diffusers' ``_sigma_to_t`` (pass its float32 ``log_sigmas`` for equal results), which
+    takes one sigma at a time, a numpy scalar: log sigma (op) log_sigmas is computed in
+    `_scalar_array_dtype` (float64 under numpy 2, float32 under numpy 1.x, which then picks other i at
+    grid points and rounds w to float32), log s_i - log s_{i+1} in log_sigmas' dtype, t in float64.
     """
     sigma, log_sigmas = np.asarray(sigma), np.asarray(log_sigmas)
-    log_sigma = np.log(np.maximum(sigma, 1e-10))
-    above = log_sigma - log_sigmas[:, None] >= 0
+    log_sigma = np.log(np.maximum(sigma, 1e-10)).reshape(-1)  # 1-D: all promotions below are array-array
+    log_sigma = log_sigma.astype(_scalar_array_dtype(log_sigma.dtype, log_sigmas.dtype))
+    above = log_sigma - log_sigmas[:, None].astype(log_sigma.dtype) >= 0
     i = np.cumsum(above, axis=0).argmax(axis=0).clip(max=len(log_sigmas) - 2)
     lo, hi = log_sigmas[i], log_sigmas[i + 1]
-    w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
+    w = np.clip((lo.astype(log_sigma.dtype) - log_sigma) / (lo - hi), 0, 1)
     return ((1 - w) * i + w * (i + 1)).reshape(sigma.shape)
 
 

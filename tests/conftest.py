@@ -7,12 +7,34 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-from fastdiff import backends  # noqa: E402
+from fastdiff import backends
 
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _device_params(pairs):
+    return [pytest.param(dev, name, id=f"{dev}-{name}", marks=[pytest.mark.cuda] if dev == "cuda" else [])
+            for dev, name in pairs]
+
+
+# Every backend on every device: the parameters of a test that takes (device, backend). The cuda ones carry
+# the `cuda` marker and are skipped without a CUDA device; triton on cpu runs under the interpreter.
+DEVICE_BACKENDS = _device_params([("cpu", "torch"), ("cpu", "cpu"), ("cpu", "triton"),
+                                  ("cuda", "cuda"), ("cuda", "triton"), ("cuda", "torch")])
+# The same, for tests that build on diffusers or take long: one backend per kernel family on each device.
+DEVICES = _device_params([("cpu", "cpu"), ("cuda", "cuda")])
 CPU_BACKENDS = ("torch", "cpu", "triton")
-GPU_BACKENDS = ("cuda", "triton", "torch")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 def require_backend(name: str, device: str = "cpu") -> None:
@@ -21,9 +43,16 @@ def require_backend(name: str, device: str = "cpu") -> None:
         pytest.skip(f"backend {name} unavailable on {device}: {why}")
 
 
-def assert_close(actual, expected, *, atol, rtol, what=""):
+def assert_close(actual, expected, *, atol, rtol, what="", equal_nan=False):
     """assert_allclose that says where the worst mismatch is and by how much."""
-    a, e = actual.double(), expected.double()
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if equal_nan:
+        same = torch.isnan(a) == torch.isnan(e)
+        assert bool(same.all()), f"{what}: NaN at different places ({int((~same).sum())} elements)"
+        a, e = torch.nan_to_num(a, nan=0.0), torch.nan_to_num(e, nan=0.0)
+    inf = torch.isinf(e) | torch.isinf(a)
+    assert bool((a[inf] == e[inf]).all()), f"{what}: infinities differ"
+    a, e = a.masked_fill(inf, 0.0), e.masked_fill(inf, 0.0)
     err = (a - e).abs()
     tol = atol + rtol * e.abs()
     if not bool((err <= tol).all()):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from cases import CONFIGS, make_case, reference64
+from cases import CONFIGS, make_case, oracle
 from conftest import assert_close
 
 from fastdiff import backends, ops
@@ -26,7 +26,7 @@ def no_native(monkeypatch):
 def test_without_native_module_the_torch_backend_serves(no_native):
     kw = make_case(CONFIGS["gmm"], (2, 3, 4, 4))
     assert backends.choose(torch.device("cpu")) == "torch"
-    for a, b in zip(ops.step(**kw), reference64(kw)):
+    for a, b in zip(ops.step(**kw), oracle(kw)):
         assert_close(a, b, atol=2e-5, rtol=2e-5, what="fallback")
     with pytest.raises(RuntimeError, match=r"backend 'cpu' was requested .*\(simulated\)"):
         ops.step(**kw, backend="cpu")
@@ -51,3 +51,14 @@ def test_info_command_runs():
     for name in backends.BACKENDS:
         assert f"  {name}" in out
     assert "CUDA archs compiled" in out or "native module: unavailable" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["demo", "--batch", "0"], "--batch: expected an int >= 1, got 0"),
+    (["demo", "--device", "cuda:7"] if torch.cuda.is_available() else ["demo", "--device", "cuda"],
+     "--device: "),
+    (["demo", "--device", "tpu"], "--device: "),
+])
+def test_cli_errors_are_messages_not_tracebacks(args, message):
+    run = subprocess.run([sys.executable, "-m", "fastdiff", *args], capture_output=True, text=True)
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr

@@ -1,16 +1,17 @@
 """FastDDIMScheduler against diffusers' DDIMScheduler (0.42) as the oracle: whole trajectories on every
-CPU backend, low precision under the accuracy rule, odd shapes, strides, per-sample timesteps, seeds,
-thresholding, add_noise/get_velocity, config round trips and bad input."""
+backend, low precision under the accuracy rule, odd shapes, strides, per-sample timesteps, seeds,
+thresholding, add_noise/get_velocity, config round trips and bad input; and what a demanding user tries
+(tests/test_ddim_user.py)."""
 
 import inspect
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS, assert_close, require_backend
+from conftest import CPU_BACKENDS, DEVICE_BACKENDS, DEVICES, assert_close, require_backend
 from diffusers import DDIMScheduler, PNDMScheduler
 
 from fastdiff.integrations.diffusers import FastDDIMScheduler
-from fastdiff.random import randn, sample_seeds
+from fastdiff.philox import randn, sample_seeds
 
 VARIANTS = {
     "eta0-eps-leading-clip": dict(),
@@ -50,7 +51,7 @@ def split(variant):
 
 
 def max_err(xs, refs):
-    return max((a.double() - b.double()).abs().max().item() for a, b in zip(xs, refs))
+    return max((a.double().cpu() - b.double().cpu()).abs().max().item() for a, b in zip(xs, refs))
 
 
 def check_trajectory(got, want, exact, what):
@@ -61,6 +62,7 @@ def check_trajectory(got, want, exact, what):
     tol = max(1e-5, 3 * max_err(want, exact))
     for i, (a, b) in enumerate(zip(got, want)):
         if what == "x0":
+            a, b = a.cpu(), b.cpu()
             rel = ((a - b).abs().max() / b.abs().max()).item()
             assert rel <= tol, f"{what} step {i}: normwise relative error {rel:.3g} > {tol:.3g}"
         else:
@@ -69,11 +71,11 @@ def check_trajectory(got, want, exact, what):
     assert err <= 2 * err_diffusers + 1e-7, f"{what}: error vs float64 {err:.3g}, diffusers' {err_diffusers:.3g}"
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_trajectory_matches_diffusers(backend, name):
+def test_trajectory_matches_diffusers(device, backend, name):
     """50 steps against diffusers in fp32 and in float64 (check_trajectory)."""
-    require_backend(backend)
+    require_backend(backend, device)
     config, step_kw = split(VARIANTS[name])
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 8, 8, generator=g)
@@ -82,7 +84,7 @@ def test_trajectory_matches_diffusers(backend, name):
     exact, exact0 = trajectory(DDIMScheduler(**config), x.double(), 50, [n.double() for n in noises], step_kw)
     fast = FastDDIMScheduler(**config)
     fast.backend = backend
-    got, got0 = trajectory(fast, x, 50, noises, step_kw)
+    got, got0 = trajectory(fast, x.to(device), 50, [n.to(device) for n in noises], step_kw)
     check_trajectory(got, want, exact, "prev_sample")
     check_trajectory(got0, want0, exact0, "x0")
 
@@ -159,10 +161,11 @@ def test_dynamic_thresholding(backend):
         assert_close(got0[3], want0[3], atol=1e-5, rtol=1e-5, what="thresholded x0")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_per_sample_timesteps(backend):
-    """A [B] timestep tensor steps each sample from its own timestep, as diffusers does one at a time."""
-    require_backend(backend)
+@pytest.mark.parametrize("device,backend", DEVICES)
+def test_per_sample_timesteps(device, backend):
+    """A [B] timestep tensor steps each sample from its own timestep, as diffusers does one at a time (on
+    the device: the rows are selected there, no sync)."""
+    require_backend(backend, device)
     g = torch.Generator().manual_seed(4)
     x, e = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
     ts = torch.tensor([999, 500, 20])
@@ -170,11 +173,36 @@ def test_per_sample_timesteps(backend):
     ref.set_timesteps(50)
     fast = FastDDIMScheduler()
     fast.backend = backend
-    fast.set_timesteps(50)
-    out = fast.step(e, ts, x)
+    fast.set_timesteps(50, device=device)
+    out = fast.step(e.to(device), ts.to(device), x.to(device))
     for b in range(3):
         want = ref.step(e[b : b + 1], int(ts[b]), x[b : b + 1])
         assert_close(out.prev_sample[b : b + 1], want.prev_sample, atol=1e-5, rtol=1e-5, what=f"sample {b}")
+
+
+@pytest.mark.parametrize("device,backend", DEVICES)
+def test_no_host_sync_inside_a_step(device, backend):
+    """A device timestep selects its row on the device: on CUDA a whole trajectory runs under
+    set_sync_debug_mode("error") and equals diffusers'."""
+    require_backend(backend, device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    noises = [torch.randn(2, 4, 16, 16, generator=g) for _ in range(10)]
+    want, _ = trajectory(DDIMScheduler(), x, 10, noises, dict(eta=1.0))
+    fast = FastDDIMScheduler()
+    fast.backend = backend
+    fast.set_timesteps(10, device=device)
+    xf = x.to(device)
+    for i, t in enumerate(fast.timesteps):
+        e, n = model(xf, t.cpu()), noises[i].to(device)
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            xf = fast.step(e, t, xf, eta=1.0, variance_noise=n).prev_sample
+        finally:
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+    assert_close(xf, want[-1], atol=1e-5, rtol=1e-5, what=f"{device} {backend}")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -249,7 +277,7 @@ def test_config_round_trips(tmp_path):
 
 def test_bad_input_raises_clearly():
     with pytest.raises(ValueError, match="prediction_type: expected one of"):
-        FastDDIMScheduler(prediction_type="flow")
+        FastDDIMScheduler(prediction_type="flow_prediction")
     with pytest.raises(ValueError, match="timestep_spacing: expected one of"):
         FastDDIMScheduler(timestep_spacing="quadratic")
     with pytest.raises(ValueError, match="beta_schedule"):
@@ -265,8 +293,21 @@ def test_bad_input_raises_clearly():
         fast.step(x, 900, x, eta=1.0, generator=torch.Generator(), variance_noise=x)
     with pytest.raises(ValueError, match="e\\[0\\] must have shape"):
         fast.step(torch.randn(1, 2, 4, 5), 900, x)
+    with pytest.raises(TypeError, match="timestep: expected an int or an integer tensor, got float 500.7"):
+        fast.step(x, 500.7, x)
+    with pytest.raises(TypeError, match="timestep: expected an int or an integer tensor, got str '501'"):
+        fast.step(x, "501", x)
+    with pytest.raises(TypeError, match="timestep: expected an integer timestep .* got a torch.float32 tensor"):
+        fast.step(x, torch.tensor(500.0), x)
+    with pytest.raises(ValueError, match=r"timestep: expected values in \[-1, 1000\), got 5..1000"):
+        fast.step(torch.randn(2, 2, 4, 4), torch.tensor([5, 1000]), torch.randn(2, 2, 4, 4))
     with pytest.raises(ValueError, match="num_inference_steps"):
         fast.set_timesteps(1001)
+    with pytest.raises(ValueError, match="trained_betas: expected num_train_timesteps=1000 values, got 10"):
+        FastDDIMScheduler(trained_betas=[0.01] * 10)
+    for bad in (1.5, [1, 2.5], "3"):
+        with pytest.raises(TypeError, match="seeds: expected"):
+            fast.set_seeds(bad)
 
 
 def test_begin_index_sets_the_noise_counter():

@@ -12,8 +12,14 @@ import pytest
 import torch
 from conftest import assert_close
 
-from fastdiff.oracle import GaussianMixture, default_mixture, default_alphas_cumprod, ode_solution, \
-    to_image_grid, write_png
+from fastdiff.oracle import (
+    GaussianMixture,
+    default_alphas_cumprod,
+    default_mixture,
+    ode_solution,
+    to_image_grid,
+    write_png,
+)
 
 F64 = torch.float64
 

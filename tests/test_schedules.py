@@ -153,6 +153,36 @@ def test_karras_exponential_and_sigma_to_t_equal_diffusers_helpers():
     equal(S.sigma_to_t(probe, np.log(sig)), expected, "sigma_to_t")
 
 
+NUMPY2 = np.lib.NumpyVersion(np.__version__) >= "2.0.0"
+
+
+@pytest.mark.parametrize("scalar,array", [(np.float64, np.float32), (np.float32, np.float64), (np.float64, np.float64),
+                                          (np.float32, np.float32), (np.float64, np.float16)])
+def test_scalar_array_dtype_is_the_installed_numpys_promotion(scalar, array):
+    # diffusers' _sigma_to_t mixes a float64 scalar with float32 arrays: float64 under numpy 2 (NEP 50),
+    # float32 under numpy 1.x (value-based casting). The helper must say what this numpy does.
+    x, grid = scalar(np.log(4096.0)), np.linspace(-3, 9, 5).astype(array)
+    got = S._scalar_array_dtype(np.dtype(scalar), np.dtype(array))
+    assert got == (x - grid).dtype == (grid - x).dtype == (np.asarray(x) - grid).dtype
+    if (scalar, array) == (np.float64, np.float32):
+        assert got == (np.float64 if NUMPY2 else np.float32)
+
+
+def test_sigma_to_t_at_grid_points_equals_diffusers():
+    # Sigmas within float32 rounding of a grid point, on the zero-SNR grid (not monotone at its end): under
+    # numpy 1.x diffusers compares float32(log sigma) with the grid, so these land on other intervals.
+    d = DPM(rescale_betas_zero_snr=True)
+    sig = (((1 - d.alphas_cumprod) / d.alphas_cumprod) ** 0.5).numpy()
+    assert sig[-1] == 4096 and sig[-2] > sig[-1]
+    probe = np.concatenate([sig.astype(np.float64) * f for f in (1 - 1e-9, 1, 1 + 1e-9)])
+    expected = np.array([d._sigma_to_t(s, np.log(sig)) for s in probe])
+    equal(S.sigma_to_t(probe, np.log(sig)), expected, "sigma_to_t")
+    # one karras step: sigma_max = 4096 - 3e-12 (the (x^(1/7))^7 round trip), whose float32 log is sigma_999's
+    _, ts = S.dpm_sigmas(S.alphas_cumprod(S.betas(rescale_betas_zero_snr=True)), 1, sigma_schedule="karras",
+                         rescale_betas_zero_snr=True)
+    assert ts.tolist() == ([995] if NUMPY2 else [999])
+
+
 # --------------------------------------------------------------------------------------- closed forms
 def test_karras_and_exponential_closed_forms():
     for n in (2, 10, 33):

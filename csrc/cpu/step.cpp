@@ -1,10 +1,10 @@
 // CPU (OpenMP) launcher of the step kernel family. Each task takes a chunk of one sample, maps the
-// sample's plan row onto streams (step_streams, fastdiff/step.cuh) and makes one pass over the chunk,
-// 16 elements at a time in vector registers: x0 += a_s*v_s, out_k += c_sk*v_s, then clamp and store.
-// Every tensor crosses memory once. Noise that needs work (in-kernel Philox, a gathered std) is made a
-// block of 256 at a time first, in one vectorised loop. Portable build: the loops are compiled for
-// baseline x86-64, x86-64-v3 (AVX2/FMA) and x86-64-v4 (AVX-512), picked at run time (GCC
-// target_clones), as numpy does.
+// sample's plan row onto linear terms (linear_terms, fastdiff/step.cuh) and makes one pass over the
+// chunk, 16 elements at a time in vector registers: x0 += a*v, out_k += c_k*v (products with a zero
+// weight skipped: `accumulate`), then clamp and store. Every tensor crosses memory once. Noise that needs work
+// (in-kernel Philox, a gathered std) is made a block of 256 at a time first, in one vectorised loop.
+// Portable build: the loops are compiled for baseline x86-64, x86-64-v3 (AVX2/FMA) and x86-64-v4
+// (AVX-512), picked at run time (GCC target_clones), as numpy does.
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
@@ -32,8 +32,31 @@ namespace {
 constexpr int kW = 16;         // elements per vector: one AVX-512 register (two AVX2 ones)
 constexpr int kBlock = 256;    // noise is drawn this many elements at a time
 constexpr int kChunk = 4096;   // elements per task
+constexpr int64_t kParallelMin = 32768;  // elements below which one thread does the step
 
 typedef float vfloat __attribute__((vector_size(kW * sizeof(float))));
+// The weighted sums of one term value v, for the sums in the bit set USE (output k: bit k, x0: kUseX0),
+// chosen at compile time: straight-line multiply-adds, and no product at all where a weight is 0 (0*inf
+// would be NaN). `accumulate(use, ...)` picks the instance with one switch per term and vector.
+template <int USE, typename V, int NOUT>
+FD_INLINE void accumulate(V v, float a, const float* c, V& x0, V (&o)[NOUT]) {
+  if constexpr ((USE & kUseX0) != 0) x0 += a * v;
+  if constexpr (NOUT > 0 && (USE & 1)) o[0] += c[0] * v;
+  if constexpr (NOUT > 1 && (USE & 2)) o[1] += c[1] * v;
+  if constexpr (NOUT > 2 && (USE & 4)) o[2] += c[2] * v;
+}
+
+template <typename V, int NOUT>
+FD_INLINE void accumulate(int use, V v, float a, const float* c, V& x0, V (&o)[NOUT]) {
+  static_assert(kUseX0 == 8, "four use bits");
+  switch (use & 15) {
+#define FD_USE(U) case U: accumulate<U>(v, a, c, x0, o); break;
+    FD_USE(1) FD_USE(2) FD_USE(3) FD_USE(4) FD_USE(5) FD_USE(6) FD_USE(7) FD_USE(8)
+    FD_USE(9) FD_USE(10) FD_USE(11) FD_USE(12) FD_USE(13) FD_USE(14) FD_USE(15)
+#undef FD_USE
+    default: break;
+  }
+}
 
 // Loads and stores of one element (float) or one vector (vfloat), converting the storage dtype.
 template <typename T>
@@ -76,45 +99,36 @@ FD_INLINE void stream_fence() {
 #endif
 }
 
-// Element (V = float) or vector (V = vfloat) j of the sample: all streams, then x0, then the outputs.
+// Element (V = float) or vector (V = vfloat) j of the sample: every term, then x0, then the outputs.
 // z: this block's prepared noise, indexed by j - zj. NT: streaming stores (vectors only).
 template <typename V, typename T, int NOUT, bool NT = false>
-FD_INLINE void stream_at(const StepStreams& s, const float* z, int64_t zj, T* const* out, int64_t j) {
+FD_INLINE void step_at(const LinearTerms& s, const float* z, int64_t zj, T* const* out, int64_t j) {
   V x0{}, o[NOUT];
   for (int k = 0; k < NOUT; ++k) o[k] = V{} + s.base[k];
-  for (int q = 0; q < s.ns; ++q) {
-    const V v = ld(static_cast<const T*>(s.p[q]) + j, V{});
-    x0 += s.a[q] * v;
-    for (int k = 0; k < NOUT; ++k) o[k] += s.c[q][k] * v;
-  }
-  if (s.row) {
-    const V v = ld(s.row + j, V{});
-    for (int k = 0; k < NOUT; ++k) o[k] += s.c_row[k] * v;
-  }
-  if (z) {
-    const V v = ld(z + (j - zj), V{});
-    for (int k = 0; k < NOUT; ++k) o[k] += s.c_z[k] * v;
-  }
-  x0 = clampf(s.as * x0, -s.r, s.r);
+  for (int q = 0; q < s.n; ++q)
+    accumulate(s.use[q], ld(static_cast<const T*>(s.p[q]) + j, V{}), s.a[q], s.c[q], x0, o);
+  if (s.delta) accumulate(s.delta_use, ld(s.delta + j, V{}), 0.0f, s.c_delta, x0, o);
+  if (z) accumulate(s.z_use, ld(z + (j - zj), V{}), 0.0f, s.c_z, x0, o);
+  if (s.x0) accumulate(s.x0_use, clampf(s.as * x0, -s.r, s.r), 0.0f, s.c_x0, x0, o);
   for (int k = 0; k < NOUT; ++k) {
     if constexpr (NT) {
-      st_stream(out[k] + j, o[k] + s.c_x0[k] * x0);
+      st_stream(out[k] + j, o[k]);
     } else {
-      st(out[k] + j, o[k] + s.c_x0[k] * x0);
+      st(out[k] + j, o[k]);
     }
   }
 }
 
 template <typename T, int NOUT>
-FD_INLINE void stream_range(const StepStreams& s, const float* z, int64_t zj, T* const* out, int64_t j0,
+FD_INLINE void step_range(const LinearTerms& s, const float* z, int64_t zj, T* const* out, int64_t j0,
                             int64_t j1, bool nt) {
   int64_t j = j0;
   if (nt) {
-    for (; j + kW <= j1; j += kW) stream_at<vfloat, T, NOUT, true>(s, z, zj, out, j);
+    for (; j + kW <= j1; j += kW) step_at<vfloat, T, NOUT, true>(s, z, zj, out, j);
   } else {
-    for (; j + kW <= j1; j += kW) stream_at<vfloat, T, NOUT>(s, z, zj, out, j);
+    for (; j + kW <= j1; j += kW) step_at<vfloat, T, NOUT>(s, z, zj, out, j);
   }
-  for (; j < j1; ++j) stream_at<float, T, NOUT>(s, z, zj, out, j);
+  for (; j < j1; ++j) step_at<float, T, NOUT>(s, z, zj, out, j);
 }
 
 // Elements [i0, i1) of sample n.
@@ -123,21 +137,21 @@ FD_INLINE void step_chunk(const StepParams& p, int64_t n, int64_t i0, int64_t i1
   float c[kNumCoef];
   const int64_t r = step_row(p, n);
   for (int j = 0; j < kNumCoef; ++j) c[j] = step_coef(p, r, j);
-  StepStreams s;
-  step_streams(p, c, n, s);
+  LinearTerms s;
+  linear_terms(p, c, n, s);
   T* out[kMaxOut] = {static_cast<T*>(p.out0) + n * p.numel, static_cast<T*>(p.out1) + n * p.numel,
                      static_cast<T*>(p.out2) + n * p.numel};
-  if (!s.z) return stream_range<T, NOUT>(s, nullptr, 0, out, i0, i1, nt);
+  if (!s.z) return step_range<T, NOUT>(s, nullptr, 0, out, i0, i1, nt);
   for (int64_t b = i0; b < i1; b += kBlock) {  // noise first, a block at a time
     const int len = int(std::min<int64_t>(kBlock, i1 - b));
     float z[kBlock];
     if (s.noise) {
       for (int j = 0; j < len; ++j) z[j] = to_float(static_cast<const T*>(s.noise)[b + j]);
     } else {
-      philox_lanes<kBlock>(s.seed, b, uint32_t(p.noise_step), uint32_t(p.noise_stream), z);
+      philox_lanes<kBlock>(s.seed, b, uint32_t(p.noise_step), uint32_t(p.noise_domain), z);
     }
     scale_by_std<kBlock>(z, s.var ? s.var + b : nullptr, s.var_total, len);
-    stream_range<T, NOUT>(s, z, b, out, b, b + len, nt);
+    step_range<T, NOUT>(s, z, b, out, b, b + len, nt);
   }
 }
 
@@ -191,16 +205,19 @@ void step(const StepParams& p) {
   const int64_t total = p.batch * ((p.numel + kChunk - 1) / kChunk);
   if (total == 0) return;
 #if defined(FASTDIFF_WITH_OPENMP)
-  // One task per thread at least; a few-KiB step is faster on one thread than waking a team.
-  const int threads = int(std::min<int64_t>(omp_get_max_threads(), p.batch * p.numel < 32768 ? 1 : total));
+  // One task per thread at least. A step of a few hundred KiB is faster on this thread than waking a
+  // team (and a team of one still costs an OpenMP region), so small steps run here directly.
+  const int threads = int(std::min<int64_t>(omp_get_max_threads(), total));
+  if (threads > 1 && p.batch * p.numel >= kParallelMin) {
 #pragma omp parallel num_threads(threads)
-  {
-    const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
-    run(p, total * tid / nt, total * (tid + 1) / nt);
+    {
+      const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+      run(p, total * tid / nt, total * (tid + 1) / nt);
+    }
+    return;
   }
-#else
-  run(p, 0, total);
 #endif
+  run(p, 0, total);
 }
 
 }  // namespace cpu

@@ -1,8 +1,8 @@
 // CUDA launcher of the step kernel family: one thread owns N consecutive elements of one sample (one
-// 16-byte vector: 4 fp32 or 8 fp16/bf16). The block's sample is mapped onto streams once
-// (step_streams, fastdiff/step.cuh) in shared memory; each thread streams its elements through
+// 16-byte vector: 4 fp32 or 8 fp16/bf16). The block's sample is mapped onto linear terms once
+// (linear_terms, fastdiff/step.cuh) in shared memory; each thread accumulates its elements through
 // registers and stores the outputs. Every branch is uniform across the block, and absent terms cost
-// nothing: they are not streams.
+// nothing: they are not in the list.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -49,19 +49,19 @@ __device__ FD_INLINE void store(void* base, int64_t off, int n, bool vec, const 
 }
 
 // grid = (ceil(D / (kThreads*N)), min(B, 65535)); a block walks samples blockIdx.y, + gridDim.y, ...
-// Thread 0 maps the sample's plan row onto streams (step_streams) in shared memory; every thread then
-// streams its N elements through registers.
+// Thread 0 maps the sample's plan row onto linear terms (linear_terms) in shared memory; every thread
+// then accumulates its N elements through registers. A zero weight skips its product (uniform branch).
 template <typename T, int N, int NOUT>
 __global__ void __launch_bounds__(kThreads) step_kernel(const StepParams p, bool vec) {
   __shared__ float c[kNumCoef];
-  __shared__ StepStreams s;
+  __shared__ LinearTerms s;
   const int64_t i0 = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * N;
   const int len = i0 < p.numel ? int(min(int64_t(N), p.numel - i0)) : 0;
   for (int64_t n = blockIdx.y; n < p.batch; n += gridDim.y) {
-    __syncthreads();  // the previous sample's row and streams are no longer read
+    __syncthreads();  // the previous sample's row and terms are no longer read
     if (threadIdx.x < kNumCoef) c[threadIdx.x] = step_coef(p, step_row(p, n), threadIdx.x);
     __syncthreads();
-    if (threadIdx.x == 0) step_streams(p, c, n, s);
+    if (threadIdx.x == 0) linear_terms(p, c, n, s);
     __syncthreads();
     if (len == 0) continue;
     float x0[N], o[NOUT][N], v[N];
@@ -72,47 +72,59 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepParams p, bool
       FD_UNROLL
       for (int j = 0; j < N; ++j) o[k][j] = s.base[k];
     }
-    for (int q = 0; q < s.ns; ++q) {  // x0 += a_s*v_s, out_k += c_sk*v_s
+    for (int q = 0; q < s.n; ++q) {  // x0 += a*v, out_k += c_k*v
       load<T, N>(s.p[q], i0, len, vec, v);
-      const float a = s.a[q];
-      FD_UNROLL
-      for (int j = 0; j < N; ++j) x0[j] += a * v[j];
+      const int use = s.use[q];
+      if (use & kUseX0) {
+        const float a = s.a[q];
+        FD_UNROLL
+        for (int j = 0; j < N; ++j) x0[j] += a * v[j];
+      }
       FD_UNROLL
       for (int k = 0; k < NOUT; ++k) {
+        if (!(use >> k & 1)) continue;
         const float ck = s.c[q][k];
         FD_UNROLL
         for (int j = 0; j < N; ++j) o[k][j] += ck * v[j];
       }
     }
-    if (s.row) {  // fp32 table row: float4 loads when the storage is fp32 too
-      load<float, N>(s.row, i0, len, vec && N == 4, v);
+    if (s.delta) {  // fp32 table row: float4 loads when the storage is fp32 too
+      load<float, N>(s.delta, i0, len, vec && N == 4, v);
       FD_UNROLL
       for (int k = 0; k < NOUT; ++k) {
+        if (!(s.delta_use >> k & 1)) continue;
         FD_UNROLL
-        for (int j = 0; j < N; ++j) o[k][j] += s.c_row[k] * v[j];
+        for (int j = 0; j < N; ++j) o[k][j] += s.c_delta[k] * v[j];
       }
     }
     if (s.z) {
       if (s.noise) {
         load<T, N>(s.noise, i0, len, vec, v);
       } else {
-        philox_lanes<N>(s.seed, i0, uint32_t(p.noise_step), uint32_t(p.noise_stream), v);
+        philox_lanes<N>(s.seed, i0, uint32_t(p.noise_step), uint32_t(p.noise_domain), v);
       }
       scale_by_std<N>(v, s.var ? s.var + i0 : nullptr, s.var_total, len);
       FD_UNROLL
       for (int k = 0; k < NOUT; ++k) {
+        if (!(s.z_use >> k & 1)) continue;
         FD_UNROLL
         for (int j = 0; j < N; ++j) o[k][j] += s.c_z[k] * v[j];
+      }
+    }
+    if (s.x0) {
+      FD_UNROLL
+      for (int j = 0; j < N; ++j) x0[j] = clampf(s.as * x0[j], -s.r, s.r);
+      FD_UNROLL
+      for (int k = 0; k < NOUT; ++k) {
+        if (!(s.x0_use >> k & 1)) continue;
+        FD_UNROLL
+        for (int j = 0; j < N; ++j) o[k][j] += s.c_x0[k] * x0[j];
       }
     }
     const int64_t off = n * p.numel + i0;
     void* dst[kMaxOut] = {p.out0, p.out1, p.out2};
     FD_UNROLL
-    for (int k = 0; k < NOUT; ++k) {
-      FD_UNROLL
-      for (int j = 0; j < N; ++j) o[k][j] += s.c_x0[k] * clampf(s.as * x0[j], -s.r, s.r);
-      store<T, N>(dst[k], off, len, vec, o[k]);
-    }
+    for (int k = 0; k < NOUT; ++k) store<T, N>(dst[k], off, len, vec, o[k]);
   }
 }
 
@@ -124,7 +136,7 @@ cudaError_t launch(const StepParams& p, cudaStream_t stream) {
   bool vec = p.numel % N == 0;
   for (const void* q : {p.x, p.e0, p.e1, p.eu0, p.eu1, p.m0, p.m1, p.m2, p.x_last, p.noise,
                         static_cast<const void*>(p.out0), static_cast<const void*>(p.out1),
-                        static_cast<const void*>(p.out2), static_cast<const void*>(p.row_table),
+                        static_cast<const void*>(p.out2), static_cast<const void*>(p.delta_table),
                         static_cast<const void*>(p.var_table)})
     vec = vec && aligned16(q);
   const int64_t blocks_x = (p.numel + int64_t(kThreads) * N - 1) / (int64_t(kThreads) * N);
@@ -140,11 +152,30 @@ cudaError_t launch(const StepParams& p, cudaStream_t stream) {
 
 }  // namespace
 
+// Makes `device` current for the launch and restores the caller's device afterwards (the caller may be
+// a torch thread with another current device).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    err_ = cudaGetDevice(&prev_);
+    if (err_ == cudaSuccess && prev_ != device) err_ = cudaSetDevice(device);
+    else prev_ = -1;  // nothing to restore
+  }
+  ~DeviceGuard() {
+    if (prev_ >= 0) cudaSetDevice(prev_);
+  }
+  cudaError_t error() const { return err_; }
+
+ private:
+  int prev_ = -1;
+  cudaError_t err_ = cudaSuccess;
+};
+
 // Returns a cudaError_t code (0 on success).
 int step(const StepParams& p, int device, uintptr_t stream) {
   if (p.batch == 0 || p.numel == 0) return cudaSuccess;
-  cudaError_t err = cudaSetDevice(device);
-  if (err != cudaSuccess) return err;
+  DeviceGuard guard(device);
+  if (guard.error() != cudaSuccess) return guard.error();
   const auto s = reinterpret_cast<cudaStream_t>(stream);
   switch (p.dtype) {
     case kFloat32: return launch<float, 4>(p, s);

@@ -1,77 +1,64 @@
-"""``fastdiff.ops.step``: one fused sampler step (DESIGN.md, "One step kernel, many methods").
+"""``fastdiff.ops.step``: one fused sampler step (the terms: the glossary in docs/architecture.md).
 
 Validates the inputs, picks a backend (``fastdiff.backends``) and runs it. Registered as the custom op
 ``fastdiff::step`` (and ``fastdiff::step_out``, which writes into given tensors) with fake kernels, so
-``torch.compile(fullgraph=True)`` sees no graph break; eager calls skip the dispatcher.
+``torch.compile(fullgraph=True)`` sees no graph break; eager calls skip the dispatcher. Eager, compiled
+and fake calls check their arguments with the same ``validate``. float64 inputs, and inputs that
+require grad, run on the torch reference (differentiable; float64 arithmetic for float64).
 """
 
 from __future__ import annotations
 
 import math
+import re
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 
-from fastdiff import backends
+from fastdiff import backends, philox
 from fastdiff import layout as L
-from fastdiff import random as fd_random
+from fastdiff.backends import forced_backend
+from fastdiff.ops.common import (
+    DTYPE_CODE,
+    check_out_aliasing,
+    check_storage_dtype,
+    check_tensor,
+    native_step,
+    needs_reference,
+)
+from fastdiff.plan import check_finite
 
-_DTYPE_CODE = {torch.float32: L.FLOAT32, torch.float16: L.FLOAT16, torch.bfloat16: L.BFLOAT16}
+OP = "step"
 
 
-@dataclass
 class StepArgs:
     """The validated, contiguous inputs of one step."""
 
-    coef: torch.Tensor
-    x: torch.Tensor | None
-    e: list[torch.Tensor]
-    e_uncond: list[torch.Tensor] | None
-    m: list[torch.Tensor]
-    x_last: torch.Tensor | None
-    row: int
-    rows: torch.Tensor | None
-    offset: torch.Tensor | None
-    idx: torch.Tensor | None
-    row_table: torch.Tensor | None
-    var_table: torch.Tensor | None
-    noise: torch.Tensor | None
-    seeds: torch.Tensor | None
-    noise_step: int
-    noise_stream: int
-    clamp: bool
-    n_out: int
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    device: torch.device
+    __slots__ = ("coef", "x", "e", "e_uncond", "m", "x_last", "row", "rows", "offset", "component", "delta_table",
+                 "var_table", "noise", "seeds", "noise_step", "noise_domain", "clamp", "n_out", "shape", "dtype",
+                 "device", "numel")
+
+    def __init__(self, coef, x, e, e_uncond, m, x_last, row, rows, offset, component, delta_table, var_table, noise,
+                 seeds, noise_step, noise_domain, clamp, n_out, shape, dtype, device):
+        self.coef, self.x, self.e, self.e_uncond, self.m, self.x_last = coef, x, e, e_uncond, m, x_last
+        self.row, self.rows, self.offset, self.component = row, rows, offset, component
+        self.delta_table, self.var_table, self.noise, self.seeds = delta_table, var_table, noise, seeds
+        self.noise_step, self.noise_domain, self.clamp, self.n_out = noise_step, noise_domain, clamp, n_out
+        self.shape, self.dtype, self.device = shape, dtype, device
+        self.numel = math.prod(shape[1:])
 
     @property
     def batch(self) -> int:
         return self.shape[0]
 
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape[1:])
+    def tensors(self) -> list[torch.Tensor | None]:
+        """Every input of the batch's shape (for aliasing and autograd checks)."""
+        return [self.x, *self.e, *(self.e_uncond or ()), *self.m, self.x_last, self.noise]
 
 
-def _check_tensor(name, t, *, shape=None, dtype=None, device=None, dim=None):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"step: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if device is not None and t.device != device:
-        raise ValueError(f"step: {name} must be on {device} (like the other inputs), got {t.device}")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"step: {name} must have dtype {dtype}, got {t.dtype}")
-    if dim is not None and t.dim() != dim:
-        raise ValueError(f"step: {name} must have {dim} dimensions, got shape {tuple(t.shape)}")
-    if shape is not None and t.shape != shape:
-        raise ValueError(f"step: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    return t if t.is_contiguous() else t.contiguous()
-
-
-_FINITE: dict[int, tuple[weakref.ref, int]] = {}  # id(coef) -> (coef, its _version when found finite)
+_CHECKED: dict[int, tuple[weakref.ref, int]] = {}  # id(coef) -> (coef, its _version when found finite)
 
 
 def _check_coef_host(coef: torch.Tensor, row: int, rows: torch.Tensor | None) -> None:
@@ -79,170 +66,239 @@ def _check_coef_host(coef: torch.Tensor, row: int, rows: torch.Tensor | None) ->
     is checked again only after it changed (its version counter moved): plans are checked when built."""
     if rows is None:
         if not -coef.shape[0] <= row < coef.shape[0]:
-            raise ValueError(f"step: row must be in [-{coef.shape[0]}, {coef.shape[0]}) (rows of coef; "
+            raise ValueError(f"{OP}: row must be in [-{coef.shape[0]}, {coef.shape[0]}) (rows of coef; "
                              f"negative rows count from the end), got {row}")
     elif rows.device.type == "cpu" and rows.numel():
         if int(rows.min()) < -coef.shape[0] or int(rows.max()) >= coef.shape[0]:
-            raise ValueError(f"step: rows must lie in [-{coef.shape[0]}, {coef.shape[0]}) (rows of coef), "
+            raise ValueError(f"{OP}: rows must lie in [-{coef.shape[0]}, {coef.shape[0]}) (rows of coef), "
                              f"got {rows.tolist()}")
     if coef.device.type != "cpu":
         return
-    seen = _FINITE.get(id(coef))
+    seen = _CHECKED.get(id(coef))
     if seen is not None and seen[0]() is coef and seen[1] == coef._version:
         return
-    if not bool(torch.isfinite(coef).all()):
-        r, j = (~torch.isfinite(coef)).nonzero()[0].tolist()
-        raise ValueError(f"step: coef has a non-finite coefficient at row {r}: {L.names()[j]} = {coef[r, j].item()}")
-    if len(_FINITE) > 256:
-        _FINITE.clear()
-    _FINITE[id(coef)] = (weakref.ref(coef), coef._version)
+    check_finite(coef.numpy(), f"{OP}: coef", "row")
+    if len(_CHECKED) > 256:
+        _CHECKED.clear()
+    _CHECKED[id(coef)] = (weakref.ref(coef), coef._version)
+
+
+class _Signature:
+    """What one kind of call fixes, found valid by ``validate`` once: its plan table (at that version),
+    the backend, and the native parameters that do not change from call to call (sizes, dtype, table,
+    flags). Later calls of the kind check only their tensors, then fill in pointers, row and noise step."""
+
+    __slots__ = ("coef", "version", "rows", "backend", "args")
+
+    def __init__(self, a: StepArgs, backend: str):
+        self.coef, self.version, self.rows = weakref.ref(a.coef), a.coef._version, a.coef.shape[0]
+        self.backend = backend
+        self.args = list(native_args(a, [None] * a.n_out)) if backend in ("cpu", "cuda") else None
+
+
+_SIGNATURES: dict[tuple, _Signature] = {}
+_AT = {name: i for i, name in enumerate(L.STEP_FIELDS)}  # native parameter positions, by name
+_AT_E, _AT_M = [_AT["e0"], _AT["e1"]], [_AT["m0"], _AT["m1"], _AT["m2"]]
+_AT_OUT = [_AT["out0"], _AT["out1"], _AT["out2"]]
+_AT_X, _AT_LAST, _AT_NOISE, _AT_SEEDS, _AT_STEP, _AT_DOMAIN, _AT_ROW, _AT_BATCH, _AT_NUMEL = (
+    _AT[n] for n in ("x", "x_last", "noise", "seeds", "noise_step", "noise_domain", "row", "batch", "numel"))
+
+
+def _signature_key(coef, x, e, m, x_last, noise, seeds, clamp, n_out, backend, grad) -> tuple | None:
+    """The kind of a plain call (x and every batch-shaped input contiguous tensors of one shape, dtype
+    and device, none requiring grad; no tables, offsets or per-sample rows), or None for another call.
+    Checks only what it reads; ``validate`` names what is wrong."""
+    T = torch.Tensor
+    if type(x) is not T or type(coef) is not T or not x.is_contiguous() or (grad and x.requires_grad):
+        return None
+    size, dtype, device = x.shape, x.dtype, x.device
+    for t in (*e, *m, x_last, noise):
+        if t is not None and (type(t) is not T or t.shape != size or t.dtype != dtype or t.device != device
+                              or not t.is_contiguous() or (grad and t.requires_grad)):
+            return None
+    if seeds is not None and (type(seeds) is not T or seeds.shape != size[:1] or seeds.dtype != torch.int64
+                              or seeds.device != device or not seeds.is_contiguous()):
+        return None
+    return (id(coef), size, dtype, device, len(e), len(m), x_last is not None, noise is not None,
+            seeds is not None, bool(clamp), n_out, backend or forced_backend())
+
+
+def _run_signature(sig: _Signature, x, e, m, x_last, row, noise, seeds, noise_step, noise_domain, out, n_out):
+    """A call of a known kind: outputs allocated (or the checked `out`), native pointers filled in."""
+    if out is None:
+        outs = (torch.empty_like(x),) if n_out == 1 else tuple(torch.empty_like(x) for _ in range(n_out))
+    else:
+        outs = out
+    args = sig.args.copy()
+    args[_AT_X] = x.data_ptr()
+    if e:
+        args[_AT_E[0]] = e[0].data_ptr()
+        if len(e) > 1:
+            args[_AT_E[1]] = e[1].data_ptr()
+    for i in range(len(m)):
+        args[_AT_M[i]] = m[i].data_ptr()
+    if x_last is not None:
+        args[_AT_LAST] = x_last.data_ptr()
+    if noise is not None:
+        args[_AT_NOISE] = noise.data_ptr()
+    if seeds is not None:
+        args[_AT_SEEDS] = seeds.data_ptr()
+    args[_AT_STEP], args[_AT_DOMAIN] = noise_step & 0xFFFFFFFF, noise_domain & 0xFFFFFFFF
+    args[_AT_ROW] = row
+    for k in range(n_out):
+        args[_AT_OUT[k]] = outs[k].data_ptr()
+    if args[_AT_BATCH] and args[_AT_NUMEL]:
+        native_step(tuple(args), x.device)
+    return outs
 
 
 def validate(
-    coef, x=None, e=(), e_uncond=None, m=(), x_last=None, row=0, rows=None, offset=None, idx=None,
-    row_table=None, var_table=None, noise=None, seeds=None, noise_step=0, noise_stream=0, clamp=False,
-    n_out=1, shape=None,
+    coef, x=None, e=(), e_uncond=None, m=(), x_last=None, row=0, rows=None, offset=None, component=None,
+    delta_table=None, var_table=None, noise=None, seeds=None, noise_step=0, noise_domain=0, clamp=False,
+    n_out=1, shape=None, values=True,
 ) -> StepArgs:
-    """Check every argument (naming it, with what was expected and what came) and normalise them."""
+    """Check every argument (naming it, with what was expected and what came) and normalise them.
+    ``values=False`` skips the checks that read tensor values (the fake kernel's tracing)."""
     e, m = list(e), list(m)
     if len(e) > 2:
-        raise ValueError(f"step: e takes at most 2 model outputs, got {len(e)}")
+        raise ValueError(f"{OP}: e takes at most 2 model outputs, got {len(e)}")
     if len(m) > 3:
-        raise ValueError(f"step: m takes at most 3 history slots, got {len(m)}")
+        raise ValueError(f"{OP}: m takes at most 3 history slots, got {len(m)}")
     if e_uncond is not None and len(e_uncond) != len(e):
-        raise ValueError(f"step: e_uncond must pair with e ({len(e)} tensors), got {len(e_uncond)}")
+        raise ValueError(f"{OP}: e_uncond must pair with e ({len(e)} tensors), got {len(e_uncond)}")
     if not 1 <= n_out <= L.MAX_OUT:
-        raise ValueError(f"step: n_out must be 1, 2 or 3, got {n_out}")
+        raise ValueError(f"{OP}: n_out must be 1, 2 or 3, got {n_out}")
     if noise is not None and seeds is not None:
-        raise ValueError("step: give noise or seeds, not both")
-    if (row_table is not None or var_table is not None) and idx is None:
-        raise ValueError("step: row_table/var_table need idx (the row of each sample)")
+        raise ValueError(f"{OP}: give noise or seeds, not both")
+    if (delta_table is not None or var_table is not None) and component is None:
+        raise ValueError(f"{OP}: delta_table/var_table need component (the table row k_n of each sample)")
 
     big = [("x", x), *((f"e[{i}]", t) for i, t in enumerate(e)), *((f"m[{i}]", t) for i, t in enumerate(m)),
            ("x_last", x_last), ("noise", noise)]
     if e_uncond is not None:
         big += [(f"e_uncond[{i}]", t) for i, t in enumerate(e_uncond)]
-    present = [(n, t) for n, t in big if t is not None]
-    if present:
-        ref_name, ref = present[0]
+    ref_name, ref = next(((n, t) for n, t in big if t is not None), (None, None))
+    if ref is not None:
         if not isinstance(ref, torch.Tensor):
-            raise TypeError(f"step: {ref_name} must be a torch.Tensor, got {type(ref).__name__}")
+            raise TypeError(f"{OP}: {ref_name} must be a torch.Tensor, got {type(ref).__name__}")
         if shape is not None and tuple(shape) != tuple(ref.shape):
-            raise ValueError(f"step: shape {tuple(shape)} disagrees with {ref_name} {tuple(ref.shape)}")
+            raise ValueError(f"{OP}: shape {tuple(shape)} disagrees with {ref_name} {tuple(ref.shape)}")
         shape, dtype, device = tuple(ref.shape), ref.dtype, ref.device
     else:
         if shape is None:
-            raise ValueError("step: no tensor input gives the batch shape; pass shape=")
-        shape, dtype, device = tuple(int(s) for s in shape), torch.float32, coef.device
+            raise ValueError(f"{OP}: no tensor input gives the batch shape; pass shape=")
+        shape, dtype = tuple(int(s) for s in shape), torch.float32
+        device = coef.device if isinstance(coef, torch.Tensor) else torch.device("cpu")
     if len(shape) < 1:
-        raise ValueError(f"step: tensors must have a batch dimension, got shape {shape}")
-    if dtype not in _DTYPE_CODE:
-        raise TypeError(f"step: storage dtype must be float32, float16 or bfloat16, got {dtype} ({ref_name})")
+        raise ValueError(f"{OP}: tensors must have a batch dimension, got shape {shape}")
+    check_storage_dtype(OP, ref_name or "shape", dtype)
 
     def big_check(name, t):
-        return None if t is None else _check_tensor(name, t, shape=shape, dtype=dtype, device=device)
+        return None if t is None else check_tensor(OP, name, t, shape=shape, dtype=dtype, device=device)
 
     B = shape[0]
-    coef = _check_tensor("coef", coef, dtype=torch.float32, device=device, dim=2)
+    coef_dtype = torch.float64 if dtype == torch.float64 and getattr(coef, "dtype", None) == torch.float64 \
+        else torch.float32
+    coef = check_tensor(OP, "coef", coef, dtype=coef_dtype, device=device, dim=2)
     if coef.shape[1] != L.NUM_COEF or coef.shape[0] == 0:
-        raise ValueError(f"step: coef must have shape [rows >= 1, {L.NUM_COEF}], got {tuple(coef.shape)}")
+        raise ValueError(f"{OP}: coef must have shape [rows >= 1, {L.NUM_COEF}], got {tuple(coef.shape)}")
     if rows is not None:
-        rows = _check_tensor("rows", rows, dtype=torch.int64, device=device, dim=1)
+        rows = check_tensor(OP, "rows", rows, dtype=torch.int64, device=device, dim=1)
         if rows.shape[0] not in (1, B):
-            raise ValueError(f"step: rows must have 1 or {B} (batch) entries, got {rows.shape[0]}")
-    if not torch.compiler.is_compiling():
+            raise ValueError(f"{OP}: rows must have 1 or {B} (batch) entries, got {rows.shape[0]}")
+    if values:
         _check_coef_host(coef, row, rows)
     K = None
     tables = []
-    for name, t in (("row_table", row_table), ("var_table", var_table)):
+    for name, t in (("delta_table", delta_table), ("var_table", var_table)):
         if t is not None:
-            t = _check_tensor(name, t, dtype=torch.float32, device=device)
+            t = check_tensor(OP, name, t, dtype=torch.float32, device=device)
             if tuple(t.shape[1:]) != shape[1:] and (t.dim() != 2 or t.shape[1] != math.prod(shape[1:])):
-                raise ValueError(f"step: {name} must have shape [K, *{shape[1:]}] or [K, D], got {tuple(t.shape)}")
+                raise ValueError(f"{OP}: {name} must have shape [K, *{shape[1:]}] or [K, D], got {tuple(t.shape)}")
             if K is not None and t.shape[0] != K:
-                raise ValueError(f"step: row_table and var_table must have the same K, got {K} and {t.shape[0]}")
+                raise ValueError(f"{OP}: delta_table and var_table must have the same K, got {K} and {t.shape[0]}")
             K = t.shape[0]
         tables.append(t)
-    if (K is not None and isinstance(idx, torch.Tensor) and idx.device.type == "cpu" and idx.numel()
-            and not torch.compiler.is_compiling() and (int(idx.min()) < 0 or int(idx.max()) >= K)):
-        raise ValueError(f"step: idx must lie in [0, {K}) (rows of the tables), got {idx.tolist()}")
+    if component is not None:
+        component = check_tensor(OP, "component", component, shape=(B,), dtype=torch.int64, device=device)
+        if (values and K is not None and component.device.type == "cpu" and component.numel()
+                and (int(component.min()) < 0 or int(component.max()) >= K)):
+            raise ValueError(f"{OP}: component must lie in [0, {K}) (rows of the tables), got {component.tolist()}")
     return StepArgs(
-        coef=coef,
-        x=big_check("x", x),
-        e=[big_check(f"e[{i}]", t) for i, t in enumerate(e)],
+        coef=coef, x=big_check("x", x), e=[big_check(f"e[{i}]", t) for i, t in enumerate(e)],
         e_uncond=None if e_uncond is None else [big_check(f"e_uncond[{i}]", t) for i, t in enumerate(e_uncond)],
-        m=[big_check(f"m[{i}]", t) for i, t in enumerate(m)],
-        x_last=big_check("x_last", x_last),
-        row=int(row),
-        rows=rows,
-        offset=None if offset is None else _check_tensor("offset", offset, shape=(B,), dtype=torch.float32, device=device),
-        idx=None if idx is None else _check_tensor("idx", idx, shape=(B,), dtype=torch.int64, device=device),
-        row_table=tables[0],
-        var_table=tables[1],
-        noise=big_check("noise", noise),
-        seeds=None if seeds is None else _check_tensor("seeds", seeds, shape=(B,), dtype=torch.int64, device=device),
-        noise_step=int(noise_step),
-        noise_stream=int(noise_stream),
-        clamp=bool(clamp),
-        n_out=int(n_out),
-        shape=shape,
-        dtype=dtype,
-        device=device,
+        m=[big_check(f"m[{i}]", t) for i, t in enumerate(m)], x_last=big_check("x_last", x_last),
+        row=int(row), rows=rows,
+        offset=None if offset is None else check_tensor(OP, "offset", offset, shape=(B,), dtype=torch.float32,
+                                                        device=device),
+        component=component, delta_table=tables[0], var_table=tables[1], noise=big_check("noise", noise),
+        seeds=None if seeds is None else check_tensor(OP, "seeds", seeds, shape=(B,), dtype=torch.int64,
+                                                      device=device),
+        noise_step=int(noise_step), noise_domain=int(noise_domain), clamp=bool(clamp), n_out=int(n_out),
+        shape=shape, dtype=dtype, device=device,
     )
 
 
-def _check_out(a: StepArgs, out: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def _check_out(a: StepArgs, out: Sequence[torch.Tensor], aliasing: bool = True) -> list[torch.Tensor]:
     if len(out) != a.n_out:
-        raise ValueError(f"step: out must hold n_out={a.n_out} tensors, got {len(out)}")
+        raise ValueError(f"{OP}: out must hold n_out={a.n_out} tensors, got {len(out)}")
     for k, o in enumerate(out):
-        _check_tensor(f"out[{k}]", o, shape=a.shape, dtype=a.dtype, device=a.device)
-        if not o.is_contiguous():
-            raise ValueError(f"step: out[{k}] must be contiguous")
+        if not isinstance(o, torch.Tensor):
+            raise TypeError(f"{OP}: out[{k}] must be a torch.Tensor, got {type(o).__name__}")
+        if o.shape != a.shape or o.dtype != a.dtype or o.device != a.device:
+            raise ValueError(f"{OP}: out[{k}] must be {tuple(a.shape)} {a.dtype} on {a.device} like x, got "
+                             f"{tuple(o.shape)} {o.dtype} on {o.device}")
+    if aliasing:  # reads addresses: not for fake tensors
+        ins = [("x", a.x), *((f"e[{i}]", t) for i, t in enumerate(a.e)),
+               *((f"e_uncond[{i}]", t) for i, t in enumerate(a.e_uncond or ())),
+               *((f"m[{i}]", t) for i, t in enumerate(a.m)), ("x_last", a.x_last), ("noise", a.noise)]
+        check_out_aliasing(OP, [(f"out[{k}]", o) for k, o in enumerate(out) if o.is_contiguous()], ins)
     return list(out)
 
 
 # ---------------------------------------------------------------------------------------------- backends
 
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
+# How each native parameter (fastdiff/layout.py STEP_FIELDS) is read off validated arguments `a` and the
+# outputs `o` (e, eu, m, o padded with None); P(t) is t's address, 0 for None. ``native_args`` is
+# generated from this table in the field order, once, with P inlined: a literal tuple costs ~1 us per
+# step where a dict of 31 names cost ~4.
+_NATIVE_EXPR = {
+    "batch": "a.shape[0]", "numel": "a.numel", "dtype": "DTYPE_CODE[a.dtype]", "x": "P(a.x)",
+    "e0": "P(e[0])", "e1": "P(e[1])", "eu0": "P(eu[0])", "eu1": "P(eu[1])",
+    "m0": "P(m[0])", "m1": "P(m[1])", "m2": "P(m[2])", "x_last": "P(a.x_last)", "offset": "P(a.offset)",
+    "component": "P(a.component)", "delta_table": "P(a.delta_table)", "var_table": "P(a.var_table)",
+    "table_rows": "(a.delta_table if a.delta_table is not None else a.var_table).shape[0] "
+                  "if a.delta_table is not None or a.var_table is not None else 0",
+    "noise": "P(a.noise)", "seeds": "P(a.seeds)", "noise_step": "a.noise_step & 0xFFFFFFFF",
+    "noise_domain": "a.noise_domain & 0xFFFFFFFF", "coef": "P(a.coef)", "coef_rows": "a.coef.shape[0]",
+    "row": "a.row", "rows": "P(a.rows)", "rows_len": "0 if a.rows is None else a.rows.shape[0]",
+    "clamp": "a.clamp", "n_out": "a.n_out", "out0": "P(o[0])", "out1": "P(o[1])", "out2": "P(o[2])",
+}
+_NONE3 = [None, None, None]
 
 
-# The order of fastdiff._C.step_fields (csrc/bindings.cpp); tests/test_build.py checks they agree.
-NATIVE_FIELDS = ("batch", "numel", "dtype", "x", "e0", "e1", "eu0", "eu1", "m0", "m1", "m2", "x_last", "offset",
-                 "idx", "row_table", "var_table", "table_rows", "noise", "seeds", "noise_step", "noise_stream",
-                 "coef", "coef_rows", "row", "rows", "rows_len", "clamp", "n_out", "out0", "out1", "out2")
+def _make_native_args():
+    body = ",\n        ".join(re.sub(r"P\((.*?)\)", r"(0 if \1 is None else \1.data_ptr())", _NATIVE_EXPR[f])
+                              for f in L.STEP_FIELDS)
+    src = ("def native_args(a, outs):\n"
+           "    e, eu, m, o = a.e + _NONE3, (a.e_uncond or []) + _NONE3, a.m + _NONE3, list(outs) + _NONE3\n"
+           f"    return (\n        {body},\n    )\n")
+    scope = {"DTYPE_CODE": DTYPE_CODE, "_NONE3": _NONE3}
+    exec(compile(src, "<fastdiff native_args>", "exec"), scope)
+    return scope["native_args"]
 
 
-def native_args(a: StepArgs, outs: list[torch.Tensor]) -> tuple:
-    """The flat parameter tuple of the native kernels, in NATIVE_FIELDS order."""
-    e = [*a.e, None, None]
-    eu = [*(a.e_uncond or ()), None, None]
-    m = [*a.m, None, None, None]
-    o = [*outs, None, None]
-    table = a.row_table if a.row_table is not None else a.var_table
-    return (a.batch, a.numel, _DTYPE_CODE[a.dtype], _ptr(a.x), _ptr(e[0]), _ptr(e[1]), _ptr(eu[0]), _ptr(eu[1]),
-            _ptr(m[0]), _ptr(m[1]), _ptr(m[2]), _ptr(a.x_last), _ptr(a.offset), _ptr(a.idx), _ptr(a.row_table),
-            _ptr(a.var_table), 0 if table is None else table.shape[0], _ptr(a.noise), _ptr(a.seeds),
-            a.noise_step & 0xFFFFFFFF, a.noise_stream & 0xFFFFFFFF, _ptr(a.coef), a.coef.shape[0], a.row,
-            _ptr(a.rows), 0 if a.rows is None else a.rows.shape[0], a.clamp, a.n_out, _ptr(o[0]),
-            _ptr(o[1]) if a.n_out > 1 else 0, _ptr(o[2]) if a.n_out > 2 else 0)
+native_args = _make_native_args()
+native_args.__doc__ = "The native kernels' parameters, in fastdiff/layout.py STEP_FIELDS order (by name)."
 
 
-def _run_native(a: StepArgs, outs: list[torch.Tensor], cuda: bool) -> None:
-    _C = backends.native()[0]
-    p = native_args(a, outs)
-    if cuda:
-        dev = a.device.index if a.device.index is not None else torch.cuda.current_device()
-        _C.step_cuda(p, dev, torch.cuda.current_stream(a.device).cuda_stream)
-    else:
-        _C.step_cpu(p)
-
-
-def reference_outputs(a: StepArgs, compute_dtype: torch.dtype = torch.float32,
+def reference_outputs(a: StepArgs, compute_dtype: torch.dtype | None = None,
                       out_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-    """The torch reference's outputs for validated arguments (tests also use float64 / storage dtype)."""
+    """The torch reference's outputs for validated arguments: float32 arithmetic (float64 for float64
+    inputs) unless `compute_dtype` says otherwise (tests also use float64 / the storage dtype)."""
     from fastdiff import reference
 
+    compute_dtype = compute_dtype or (torch.float64 if a.dtype == torch.float64 else torch.float32)
     B, NC = a.batch, L.NUM_COEF
     if a.rows is None:
         c = a.coef[a.row].expand(B, NC)
@@ -250,20 +306,20 @@ def reference_outputs(a: StepArgs, compute_dtype: torch.dtype = torch.float32,
         c = a.coef[a.rows.expand(B) if a.rows.shape[0] == 1 else a.rows]
     z = a.noise
     if z is None and a.seeds is not None:
-        z = fd_random.randn(a.seeds, a.numel, step=a.noise_step, stream=a.noise_stream,
-                            dtype=torch.float64).reshape(a.shape)
-    return reference.step(c, a.x, a.e, a.e_uncond, a.m, a.x_last, a.offset, a.idx, a.row_table, a.var_table,
-                          z, a.clamp, a.n_out, shape=a.shape, out_dtype=out_dtype or a.dtype,
+        z = philox.randn(a.seeds, a.numel, step=a.noise_step, domain=a.noise_domain,
+                         dtype=torch.float64).reshape(a.shape)
+    return reference.step(c, a.x, a.e, a.e_uncond, a.m, a.x_last, a.offset, a.component, a.delta_table,
+                          a.var_table, z, a.clamp, a.n_out, shape=a.shape, out_dtype=out_dtype or a.dtype,
                           compute_dtype=compute_dtype)
 
 
 def run(a: StepArgs, outs: list[torch.Tensor], backend: str | None) -> None:
-    """Run validated arguments on the chosen backend, writing `outs`."""
+    """Run validated arguments on the chosen backend, writing `outs` (contiguous, no autograd)."""
     if a.batch == 0 or a.numel == 0:
         return
-    name = backends.choose(a.device, backend)
+    name = "torch" if a.dtype == torch.float64 else backends.choose(a.device, backend)
     if name in ("cpu", "cuda"):
-        _run_native(a, outs, cuda=name == "cuda")
+        native_step(native_args(a, outs), a.device)
     elif name == "triton":
         backends.triton_kernels()[0].step.launch(a, outs)
     else:
@@ -271,49 +327,80 @@ def run(a: StepArgs, outs: list[torch.Tensor], backend: str | None) -> None:
             o.copy_(r)
 
 
+def _execute(a: StepArgs, out: Sequence[torch.Tensor] | None, backend: str | None) -> tuple[torch.Tensor, ...]:
+    """Outputs of validated arguments: new tensors, or written into `out` (any layout: a non-contiguous
+    out is computed contiguous and copied in). Autograd and float64 take the torch reference."""
+    if needs_reference(a.dtype, a.tensors()):
+        backends.choose(a.device, backend)  # a forced backend that cannot run still raises
+        refs = reference_outputs(a)
+        if out is None:
+            return tuple(refs)
+        for o, r in zip(_check_out(a, out), refs):
+            o.copy_(r)
+        return tuple(out)
+    if out is None:
+        outs = tuple(torch.empty(a.shape, dtype=a.dtype, device=a.device) for _ in range(a.n_out))
+        run(a, outs, backend)
+        return outs
+    out = _check_out(a, out)
+    dense = [o if o.is_contiguous() else torch.empty(a.shape, dtype=a.dtype, device=a.device) for o in out]
+    run(a, dense, backend)
+    for o, d in zip(out, dense):
+        if d is not o:
+            o.copy_(d)
+    return tuple(out)
+
+
 # ------------------------------------------------------------------------------------------- custom ops
+
+def _op_validate(coef, x, e, e_uncond, m, x_last, row, rows, offset, component, delta_table, var_table, noise,
+                 seeds, noise_step, noise_domain, clamp, n_out, shape, values=True):
+    return validate(coef, x, e, e_uncond if e_uncond else None, m, x_last, row, rows, offset, component,
+                    delta_table, var_table, noise, seeds, noise_step, noise_domain, clamp, n_out, shape or None,
+                    values=values)
+
 
 @torch.library.custom_op("fastdiff::step", mutates_args=())
 def _step_op(
     coef: torch.Tensor, x: Optional[torch.Tensor], e: List[torch.Tensor], e_uncond: List[torch.Tensor],
     m: List[torch.Tensor], x_last: Optional[torch.Tensor], row: int, rows: Optional[torch.Tensor],
-    offset: Optional[torch.Tensor], idx: Optional[torch.Tensor], row_table: Optional[torch.Tensor],
+    offset: Optional[torch.Tensor], component: Optional[torch.Tensor], delta_table: Optional[torch.Tensor],
     var_table: Optional[torch.Tensor], noise: Optional[torch.Tensor], seeds: Optional[torch.Tensor],
-    noise_step: int, noise_stream: int, clamp: bool, n_out: int, shape: List[int], backend: str,
+    noise_step: int, noise_domain: int, clamp: bool, n_out: int, shape: List[int], backend: str,
 ) -> List[torch.Tensor]:
-    a = validate(coef, x, e, e_uncond if e_uncond else None, m, x_last, row, rows, offset, idx, row_table,
-                 var_table, noise, seeds, noise_step, noise_stream, clamp, n_out, shape or None)
-    outs = [torch.empty(a.shape, dtype=a.dtype, device=a.device) for _ in range(a.n_out)]
-    run(a, outs, backend or None)
-    return outs
+    a = _op_validate(coef, x, e, e_uncond, m, x_last, row, rows, offset, component, delta_table, var_table, noise,
+                     seeds, noise_step, noise_domain, clamp, n_out, shape)
+    return list(_execute(a, None, backend or None))
 
 
 @_step_op.register_fake
-def _step_fake(coef, x, e, e_uncond, m, x_last, row, rows, offset, idx, row_table, var_table, noise, seeds,
-               noise_step, noise_stream, clamp, n_out, shape, backend):
-    ref = next((t for t in (x, *e, *m, x_last, noise) if t is not None), None)
-    if ref is not None:
-        return [torch.empty_like(ref, memory_format=torch.contiguous_format) for _ in range(n_out)]
-    return [coef.new_empty(shape) for _ in range(n_out)]
+def _step_fake(coef, x, e, e_uncond, m, x_last, row, rows, offset, component, delta_table, var_table, noise,
+               seeds, noise_step, noise_domain, clamp, n_out, shape, backend):
+    a = _op_validate(coef, x, e, e_uncond, m, x_last, row, rows, offset, component, delta_table, var_table, noise,
+                     seeds, noise_step, noise_domain, clamp, n_out, shape, values=False)
+    return [torch.empty(a.shape, dtype=a.dtype, device=a.device) for _ in range(a.n_out)]
 
 
 @torch.library.custom_op("fastdiff::step_out", mutates_args=("out",))
 def _step_out_op(
     coef: torch.Tensor, x: Optional[torch.Tensor], e: List[torch.Tensor], e_uncond: List[torch.Tensor],
     m: List[torch.Tensor], x_last: Optional[torch.Tensor], row: int, rows: Optional[torch.Tensor],
-    offset: Optional[torch.Tensor], idx: Optional[torch.Tensor], row_table: Optional[torch.Tensor],
+    offset: Optional[torch.Tensor], component: Optional[torch.Tensor], delta_table: Optional[torch.Tensor],
     var_table: Optional[torch.Tensor], noise: Optional[torch.Tensor], seeds: Optional[torch.Tensor],
-    noise_step: int, noise_stream: int, clamp: bool, n_out: int, shape: List[int], backend: str,
+    noise_step: int, noise_domain: int, clamp: bool, n_out: int, shape: List[int], backend: str,
     out: List[torch.Tensor],
 ) -> None:
-    a = validate(coef, x, e, e_uncond if e_uncond else None, m, x_last, row, rows, offset, idx, row_table,
-                 var_table, noise, seeds, noise_step, noise_stream, clamp, n_out, shape or None)
-    run(a, _check_out(a, out), backend or None)
+    a = _op_validate(coef, x, e, e_uncond, m, x_last, row, rows, offset, component, delta_table, var_table, noise,
+                     seeds, noise_step, noise_domain, clamp, n_out, shape)
+    _execute(a, out, backend or None)
 
 
 @_step_out_op.register_fake
-def _step_out_fake(*args, **kwargs):
-    return None
+def _step_out_fake(coef, x, e, e_uncond, m, x_last, row, rows, offset, component, delta_table, var_table, noise,
+                   seeds, noise_step, noise_domain, clamp, n_out, shape, backend, out):
+    a = _op_validate(coef, x, e, e_uncond, m, x_last, row, rows, offset, component, delta_table, var_table, noise,
+                     seeds, noise_step, noise_domain, clamp, n_out, shape, values=False)
+    _check_out(a, out, aliasing=False)
 
 
 # ----------------------------------------------------------------------------------------------- public
@@ -329,13 +416,13 @@ def step(
     row: int = 0,
     rows: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
-    idx: torch.Tensor | None = None,
-    row_table: torch.Tensor | None = None,
+    component: torch.Tensor | None = None,
+    delta_table: torch.Tensor | None = None,
     var_table: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     seeds: torch.Tensor | None = None,
     noise_step: int = 0,
-    noise_stream: int = L.STREAM_STEP,
+    noise_domain: int = philox.DOMAIN_STEP,
     clamp: bool = False,
     n_out: int = 1,
     shape: Sequence[int] | None = None,
@@ -345,37 +432,67 @@ def step(
     """One fused step: ``n_out`` outputs of ``out_k = CX*x + CE*e + CX0*x0 + ... + CZ*s*z``.
 
     Args:
-        coef: ``[rows, NUM_COEF]`` float32 plan table on the inputs' device (``fastdiff.plan``).
+        coef: ``[rows, NUM_COEF]`` float32 plan table on the inputs' device (``fastdiff.plan``); float64
+            for float64 inputs.
         x: ``[B, ...]`` current sample. ``e``: up to 2 model outputs like x (the conditional ones when
-            ``e_uncond`` is given: guidance ``e = uncond + G*(cond - uncond)``).
-        m: up to 3 history slots (previous data predictions); ``x_last``: the previous sample.
+            ``e_uncond`` is given: guidance ``e = (1 - G)*uncond + G*cond``).
+        m: up to 3 history slots (previous data predictions); ``x_last``: an earlier sample.
         row: the plan row every sample uses; ``rows``: ``[B]`` or ``[1]`` int64 device rows instead
             (per-sample timesteps, or a step index that lives on the device). Negative rows count from
             the end, as in Python. A device index outside the table gives NaN outputs (it cannot be
             checked without a sync).
         offset: ``[B]`` float32 per-sample scalar offset (Mix-DDPM).
-        idx, row_table, var_table: ``[B]`` int64 component of each sample; ``[K, ...]`` float32 rows
-            of offsets (``delta_k``) and of variances (noise std ``sqrt(max(VAR - var, 0))``): DDIM-GMM.
+        component, delta_table, var_table: ``[B]`` int64 component k_n of each sample; ``[K, ...]``
+            float32 rows of per-element offsets (``delta_k``) and of variances (noise std
+            ``sqrt(max(VAR - var, 0))``): DDIM-GMM.
         noise: standard-normal noise like x; or ``seeds`` (``[B]`` int64) for in-kernel Philox noise
-            keyed per sample, at counter ``(i // 4, noise_step, noise_stream)`` (``fastdiff.random``).
+            keyed per sample, at counter ``(i // 4, noise_step, noise_domain)`` (``fastdiff.philox``).
         clamp: clamp x0 to ``[-R, R]``. n_out: outputs to write (1-3). shape: batch shape when no
-            tensor gives it (noise only). out: tensors to write (may be the inputs themselves).
+            tensor gives it (noise only). out: tensors to write: new ones, or exactly the inputs (in
+            place), never partly overlapping an input.
         backend: ``cuda``, ``triton``, ``cpu`` or ``torch``; default ``FASTDIFF_BACKEND`` or automatic.
 
     Returns:
-        A tuple of ``n_out`` tensors shaped like x, in the storage dtype.
+        A tuple of ``n_out`` tensors shaped like x, in the storage dtype. An input whose weight is 0 is
+        not read. Differentiable (through the torch reference) when an input requires grad.
     """
-    e_list, m_list = list(e), list(m)
+    e_list, m_list = e if type(e) is list else list(e), m if type(m) is list else list(m)
+    plain = (e_uncond is None and rows is None and offset is None and component is None and delta_table is None
+             and var_table is None and shape is None and type(row) is int and len(e_list) <= 2 and len(m_list) <= 3
+             and not torch.compiler.is_compiling())
+    if plain:
+        key = _signature_key(coef, x, e_list, m_list, x_last, noise, seeds, clamp, n_out, backend,
+                             torch.is_grad_enabled())
+        sig = None if key is None else _SIGNATURES.get(key)
+        if (sig is not None and sig.coef() is coef and sig.version == coef._version and -sig.rows <= row < sig.rows
+                and (out is None or len(out) == n_out)):
+            if out is None and sig.args is not None:
+                return _run_signature(sig, x, e_list, m_list, x_last, row, noise, seeds, noise_step, noise_domain,
+                                      None, n_out)
+            a = StepArgs(coef, x, e_list, None, m_list, x_last, row, None, None, None, None, None, noise, seeds,
+                         noise_step, noise_domain, bool(clamp), n_out, tuple(x.shape), x.dtype, x.device)
+            if out is None or sig.args is None:
+                return _execute(a, out, backend)
+            out = _check_out(a, out)
+            if not all(o.is_contiguous() for o in out):
+                return _execute(a, out, backend)
+            return _run_signature(sig, x, e_list, m_list, x_last, row, noise, seeds, noise_step, noise_domain, out,
+                                  n_out)
     if torch.compiler.is_compiling():
-        args = (coef, x, e_list, list(e_uncond or []), m_list, x_last, row, rows, offset, idx, row_table,
-                var_table, noise, seeds, noise_step, noise_stream, clamp, n_out, list(shape or []), backend or "")
-        if out is None:
-            return tuple(torch.ops.fastdiff.step(*args))
-        torch.ops.fastdiff.step_out(*args, list(out))
-        return tuple(out)
-    a = validate(coef, x, e_list, e_uncond, m_list, x_last, row, rows, offset, idx, row_table, var_table,
-                 noise, seeds, noise_step, noise_stream, clamp, n_out, shape)
-    outs = _check_out(a, out) if out is not None else [
-        torch.empty(a.shape, dtype=a.dtype, device=a.device) for _ in range(a.n_out)]
-    run(a, outs, backend)
-    return tuple(outs)
+        grads = [x, *e_list, *(e_uncond or ()), *m_list, x_last, noise]
+        if not needs_reference(getattr(x, "dtype", torch.float32), grads):
+            args = (coef, x, e_list, list(e_uncond or []), m_list, x_last, row, rows, offset, component,
+                    delta_table, var_table, noise, seeds, noise_step, noise_domain, clamp, n_out, list(shape or []),
+                    backend or "")
+            if out is None:
+                return tuple(torch.ops.fastdiff.step(*args))
+            torch.ops.fastdiff.step_out(*args, list(out))
+            return tuple(out)
+    a = validate(coef, x, e_list, e_uncond, m_list, x_last, row, rows, offset, component, delta_table, var_table,
+                 noise, seeds, noise_step, noise_domain, clamp, n_out, shape, values=not torch.compiler.is_compiling())
+    result = _execute(a, out, backend)
+    if plain and key is not None and a.dtype != torch.float64 and a.coef.dtype == torch.float32:
+        if len(_SIGNATURES) >= 64:
+            _SIGNATURES.clear()
+        _SIGNATURES[key] = _Signature(a, backends.choose(a.device, backend))
+    return result

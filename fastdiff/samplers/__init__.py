@@ -1,5 +1,10 @@
-"""Sampling methods as plan builders: each computes its per-step coefficients (``fastdiff.plan``)."""
+"""Sampling methods as plan builders (each computes its per-step coefficients: ``fastdiff.plan``), written
+with the kit (``kit``: linear forms of the step's terms; ``predictions``: prediction types;
+``forward``: the forward process)."""
 
-from fastdiff.samplers.ddim import ddim_coefficients, ddim_plan, q_sample_coefficients, velocity_coefficients
+from fastdiff.samplers.ddim import ddim_plan, ddim_step, ddim_x0
+from fastdiff.samplers.forward import q_sample_plan, velocity_plan
+from fastdiff.samplers.predictions import PREDICTION_TYPES, eps_from_x0, predict
 
-__all__ = ["ddim_coefficients", "ddim_plan", "q_sample_coefficients", "velocity_coefficients"]
+__all__ = ["PREDICTION_TYPES", "ddim_plan", "ddim_step", "ddim_x0", "eps_from_x0", "predict", "q_sample_plan",
+           "velocity_plan"]

@@ -1,8 +1,9 @@
 // Counter-based normal noise: Philox4x32-10 (Salmon, Moraes, Dror, Shaw, "Parallel random numbers: as
-// easy as 1, 2, 3", SC'11) and the Box-Muller transform. The same stream on every backend (the torch
-// reference is fastdiff/random.py, the Triton one triton_kernels/random.py):
+// easy as 1, 2, 3", SC'11) and the Box-Muller transform. The same numbers on every backend (the torch
+// reference is fastdiff/philox.py, the Triton one triton_kernels/philox.py):
 //   key     = the 64-bit seed of sample n            (so the noise never depends on the batch)
-//   counter = (g mod 2^32, g >> 32, step, stream)     g = i / 4, i = element index inside the sample
+//   counter = (g mod 2^32, g >> 32, step, domain)     g = i / 4, i = element index inside the sample;
+//                                                     domain = what the noise is for (fastdiff/philox.py)
 //   normals = Box-Muller of the 4 words: (w0, w1) -> z[4g], z[4g+1];  (w2, w3) -> z[4g+2], z[4g+3]
 // The transcendental functions are our own small polynomials on reduced ranges, so CPU loops vectorise
 // and every backend computes the same thing (Cephes single-precision coefficients).
@@ -85,9 +86,9 @@ FD_HD FD_INLINE void sincos_2pi(float u, float& c_out, float& s_out) {
   s_out = k == 0 ? s : k == 1 ? c : k == 2 ? -s : -c;
 }
 
-// The four standard normals of group g (elements 4g..4g+3) for this seed, step and stream.
-FD_HD FD_INLINE void philox_normal4(uint64_t seed, uint64_t g, uint32_t step, uint32_t stream, float (&z)[4]) {
-  uint32_t c[4] = {uint32_t(g), uint32_t(g >> 32), step, stream};
+// The four standard normals of group g (elements 4g..4g+3) for this seed, step and domain.
+FD_HD FD_INLINE void philox_normal4(uint64_t seed, uint64_t g, uint32_t step, uint32_t domain, float (&z)[4]) {
+  uint32_t c[4] = {uint32_t(g), uint32_t(g >> 32), step, domain};
   philox4x32_10(c, uint32_t(seed), uint32_t(seed >> 32));
 FD_UNROLL
   for (int p = 0; p < 2; ++p) {

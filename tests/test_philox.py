@@ -1,15 +1,16 @@
-"""The Philox4x32-10 + Box-Muller stream: known-answer vectors, Triton's own Philox as a second
-implementation, agreement of the backends' streams, N(0, 1) statistics, and batch independence."""
+"""The Philox4x32-10 + Box-Muller noise: known-answer vectors, Triton's own Philox as a second
+implementation, the same numbers from every backend and device, N(0, 1) statistics, batch independence,
+and the seeds users may give."""
 
 import numpy as np
 import pytest
 import torch
-from conftest import CPU_BACKENDS, require_backend
+from conftest import CPU_BACKENDS, DEVICE_BACKENDS, require_backend
 from scipy import stats
 
 from fastdiff import layout as L
 from fastdiff import ops
-from fastdiff import random as R
+from fastdiff import philox as R
 
 # Random123's kat_vectors (Salmon et al.): counter[4], key[2] -> output[4]
 KAT = [
@@ -60,21 +61,21 @@ def noise_coef():
     return coef
 
 
-def kernel_noise(backend, seeds, numel, step=0, stream=0):
-    (z,) = ops.step(noise_coef(), seeds=seeds, shape=(len(seeds), numel), noise_step=step, noise_stream=stream,
-                    backend=backend)
+def kernel_noise(backend, seeds, numel, step=0, domain=0):
+    (z,) = ops.step(noise_coef().to(seeds.device), seeds=seeds, shape=(len(seeds), numel), noise_step=step,
+                    noise_domain=domain, backend=backend)
     return z
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("numel,step,stream", [(4099, 0, 0), (37, 12345, 1), (1, 2**32 - 1, 3)])
-def test_backend_streams_agree(backend, numel, step, stream):
-    require_backend(backend)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("numel,step,domain", [(4099, 0, 0), (37, 12345, 1), (1, 2**32 - 1, 3)])
+def test_backends_draw_the_same_numbers(device, backend, numel, step, domain):
+    require_backend(backend, device)
     seeds = torch.tensor([0, 1, -1, 2**62 + 7, -(2**40)], dtype=torch.int64)
-    want = R.randn(seeds, numel, step=step, stream=stream, dtype=torch.float64)
-    got = kernel_noise(backend, seeds, numel, step, stream)
+    want = R.randn(seeds, numel, step=step, domain=domain, dtype=torch.float64)
+    got = kernel_noise(backend, seeds.to(device), numel, step, domain).cpu()
     err = (got.double() - want).abs().max().item()
-    assert err <= 1e-6, f"{backend}: stream differs from the reference by {err:.3g}"
+    assert err <= 1e-6, f"{backend}: noise differs from the reference by {err:.3g}"
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
@@ -103,9 +104,23 @@ def test_sample_noise_does_not_depend_on_the_batch(backend):
         assert torch.equal(z1[0], z7[b]), f"{backend}: sample {b} differs between batches of 1 and 7"
 
 
-def test_steps_and_streams_are_independent():
+def test_steps_and_domains_are_independent():
     seeds = R.sample_seeds(5, 2)
     a = R.randn(seeds, 100_000, step=0).flatten()
-    for other in (R.randn(seeds, 100_000, step=1), R.randn(seeds, 100_000, stream=L.STREAM_INIT)):
+    for other in (R.randn(seeds, 100_000, step=1), R.randn(seeds, 100_000, domain=R.DOMAIN_INIT)):
         corr = torch.corrcoef(torch.stack([a, other.flatten()]))[0, 1].item()
         assert abs(corr) < 5 / np.sqrt(a.numel())
+
+
+def test_seeds_users_give_are_checked_when_given():
+    """An int, a sequence of ints or a 1-D integer tensor; anything else is refused at once, naming the
+    argument (not later, deep in a step)."""
+    assert R.check_seeds(3) == 3 and R.check_seeds(None) is None
+    assert torch.equal(R.check_seeds([1, 2]), torch.tensor([1, 2]))
+    assert R.check_seeds(torch.tensor([5], dtype=torch.int32)).dtype == torch.int64
+    for bad in (1.5, [1, 2.5], "7", True, torch.tensor([[1, 2]]), torch.tensor([1.0])):
+        with pytest.raises(TypeError, match="seeds: expected"):
+            R.check_seeds(bad)
+    assert torch.equal(R.seed_tensor(9, 3), R.sample_seeds(9, 3))
+    with pytest.raises(ValueError, match=r"seeds: expected one seed per sample \(3\), got 2"):
+        R.seed_tensor([1, 2], 3)

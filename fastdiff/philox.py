@@ -1,15 +1,18 @@
 """Counter-based noise: Philox4x32-10 (Salmon et al., SC'11) and Box-Muller, in pure torch.
 
-This is the reference of the stream that every backend draws in its kernels
-(``csrc/include/fastdiff/philox.cuh``, ``triton_kernels/random.py``)::
+This is the reference of the numbers that every backend draws in its kernels
+(``csrc/include/fastdiff/philox.cuh``, ``triton_kernels/philox.py``)::
 
     key     = seed of sample n (64 bits)             -> noise never depends on the batch
-    counter = (g mod 2**32, g >> 32, step, stream)    g = i // 4, i = element index inside the sample
+    counter = (g mod 2**32, g >> 32, step, domain)    g = i // 4, i = element index inside the sample
     z[4g], z[4g+1]   = Box-Muller(u(w0), u(w1))       u(w) = ((w >> 9) + 0.5) * 2**-23, in (0, 1)
     z[4g+2], z[4g+3] = Box-Muller(u(w2), u(w3))
 
+The *domain* (counter word 3) says what the noise is for, so that two uses never share numbers: the
+sampler step's noise, the initial noise, categorical draws, training noise (``DOMAIN_*`` below).
+
 The kernels evaluate log/cos/sin with small float32 polynomials; this reference uses float64, so the
-streams agree to about 1e-6 (tests/test_random.py).
+backends agree to about 1e-6 (tests/test_philox.py).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fastdiff import layout
+DOMAIN_STEP, DOMAIN_INIT, DOMAIN_CATEGORICAL, DOMAIN_TRAIN = 0, 1, 2, 3  # Philox counter word 3
 
 PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57  # round multipliers
 PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key increments
@@ -55,15 +58,34 @@ def box_muller(u0: torch.Tensor, u1: torch.Tensor) -> tuple[torch.Tensor, torch.
     return r * torch.cos(theta), r * torch.sin(theta)
 
 
-def _seed_tensor(seeds: torch.Tensor | Sequence[int] | int, batch: int | None, device) -> torch.Tensor:
+def check_seeds(seeds, name: str = "seeds"):
+    """Per-sample seeds as users give them: an int (per-sample keys derived from it, ``sample_seeds``),
+    a sequence of ints or a 1-D integer tensor (one key per sample), or None. Returns an int, a 1-D
+    int64 tensor or None; anything else is a TypeError naming `name`."""
+    if seeds is None or (isinstance(seeds, int) and not isinstance(seeds, bool)):
+        return seeds
+    if isinstance(seeds, torch.Tensor):
+        t = seeds
+    elif isinstance(seeds, Sequence) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        t = torch.tensor(list(seeds), dtype=torch.int64)
+    else:
+        raise TypeError(f"{name}: expected an int, a sequence of ints or a 1-D int64 tensor, "
+                        f"got {type(seeds).__name__} {seeds!r}"[:200])
+    if t.dim() != 1 or t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name}: expected a 1-D int64 tensor, got {t.dtype} of shape {tuple(t.shape)}")
+    return t.to(torch.int64)
+
+
+def seed_tensor(seeds, batch: int, device=None) -> torch.Tensor:
+    """The ``[batch]`` int64 keys of `seeds` (see ``check_seeds``) on `device`."""
+    seeds = check_seeds(seeds)
+    if seeds is None:
+        raise ValueError("seeds: expected seeds, got None")
     if isinstance(seeds, int):
-        if batch is None:
-            raise ValueError("seeds: an int seed needs the batch size to derive per-sample seeds")
         return sample_seeds(seeds, batch, device=device)
-    t = torch.as_tensor(seeds, device=device)
-    if t.dtype != torch.int64 or t.dim() != 1:
-        raise TypeError(f"seeds: expected a 1-D int64 tensor, got {t.dtype} of shape {tuple(t.shape)}")
-    return t
+    if seeds.shape[0] != batch:
+        raise ValueError(f"seeds: expected one seed per sample ({batch}), got {seeds.shape[0]}")
+    return seeds.to(device) if device is not None else seeds
 
 
 def randn(
@@ -71,20 +93,22 @@ def randn(
     numel: int,
     *,
     step: int = 0,
-    stream: int = layout.STREAM_STEP,
+    domain: int = DOMAIN_STEP,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The stream's normals for every sample: ``[len(seeds), numel]``, sample n keyed by seeds[n]."""
+    """The normals of (step, domain) for every sample: ``[len(seeds), numel]``, sample n keyed by seeds[n]."""
     if numel < 0:
         raise ValueError(f"numel: expected >= 0, got {numel}")
-    seeds = _seed_tensor(seeds, None, device)
+    seeds = check_seeds(seeds)
+    if not isinstance(seeds, torch.Tensor):
+        raise TypeError(f"seeds: expected one key per sample (a sequence or 1-D tensor), got {seeds!r}")
     dev = seeds.device if device is None else torch.device(device)
     seeds = seeds.to(dev)
     groups = torch.arange((numel + 3) // 4, device=dev, dtype=torch.int64)
     key = [(seeds & _MASK32)[:, None], ((seeds >> 32) & _MASK32)[:, None]]
     counter = [groups & _MASK32, groups >> 32, torch.tensor(step & _MASK32, device=dev),
-               torch.tensor(stream & _MASK32, device=dev)]
+               torch.tensor(domain & _MASK32, device=dev)]
     w = philox4x32_10(counter, key)
     z0, z1 = box_muller(uniform_open(w[0]), uniform_open(w[1]))
     z2, z3 = box_muller(uniform_open(w[2]), uniform_open(w[3]))

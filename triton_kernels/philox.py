@@ -1,4 +1,4 @@
-"""The Philox4x32-10 + Box-Muller normal stream in Triton (the contract: fastdiff/random.py; the same
+"""The Philox4x32-10 + Box-Muller normal noise in Triton (the contract: fastdiff/philox.py; the same
 float32 polynomials as csrc/include/fastdiff/philox.cuh). Philox itself is Triton's ``tl.philox``."""
 
 import triton
@@ -51,13 +51,13 @@ def sincos_2pi(u):
 
 
 @triton.jit
-def normal_block(seed, g0, step, stream, BLOCK: tl.constexpr):
+def normal_block(seed, g0, step, domain, BLOCK: tl.constexpr):
     """The BLOCK normals of elements 4*g0 ... 4*g0 + BLOCK - 1 of a sample keyed by `seed` (int64)."""
     g = g0 + tl.arange(0, BLOCK // 4).to(tl.int64)
     c0 = (g & 0xFFFFFFFF).to(tl.uint32)
     c1 = (g >> 32).to(tl.uint32)
     c2 = tl.zeros_like(c0) + step.to(tl.uint32)
-    c3 = tl.zeros_like(c0) + stream.to(tl.uint32)
+    c3 = tl.zeros_like(c0) + domain.to(tl.uint32)
     w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3)
     r01 = tl.sqrt_rn(-2.0 * log_pos(uniform_open(w0)))
     cos01, sin01 = sincos_2pi(uniform_open(w1))

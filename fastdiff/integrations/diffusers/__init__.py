@@ -1,0 +1,12 @@
+"""Drop-in diffusers schedulers: the same ``__init__`` arguments and defaults as the class they replace,
+``from_config``/``save_pretrained``, the same outputs, and one fused kernel per ``step``::
+
+    pipe.scheduler = FastDDIMScheduler.from_config(pipe.scheduler.config)
+
+All of them stand on ``base.FastSchedulerMixin`` (noise, seeds, begin_index, plans, rows, add_noise).
+"""
+
+from fastdiff.integrations.diffusers.base import FastSchedulerMixin
+from fastdiff.integrations.diffusers.ddim import FastDDIMScheduler
+
+__all__ = ["FastDDIMScheduler", "FastSchedulerMixin"]

@@ -1,0 +1,152 @@
+"""The stepper: the one place where a plan's rows become fused steps (``fastdiff.ops.step`` calls).
+
+``fastdiff.loop``, ``CapturedSampler`` and every drop-in drive their plan through a ``Stepper``. It keeps
+what a run carries from step to step, without copies:
+
+- the **step index**: the next row of a plan indexed by step, and the counter of the in-kernel noise
+  (step s draws Philox step s; ``reset(begin)`` starts a run at row ``begin``, as img2img does);
+- the **history ring**: an output with role "history" (a data prediction) becomes slot m0 of the next
+  step, the previous m0 becomes m1, ...; the buffers rotate (the oldest slot's buffer takes the next
+  write), nothing is copied;
+- **x_last**: an output with role "x_last" becomes the next step's x_last (two buffers, alternating).
+
+It checks the plan's terms against the arguments once per kind of call (a plan that draws noise run
+without noise or seeds is an error, not a silent deterministic step), and each row against the history
+that exists (a row that reads slot m1 right after ``reset`` is an error: its warm-up rows were built
+for another start).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastdiff import ops
+from fastdiff.plan import Plan
+
+
+class Stepper:
+    """Runs `plan` one step per ``step`` call.
+
+    Args:
+        plan: the run's rows (``fastdiff.samplers``), one per step, or one per timestep when the caller
+            picks rows itself (``row=``/``rows=``).
+        backend: ``cuda``, ``triton``, ``cpu``, ``torch`` or None (automatic).
+    """
+
+    def __init__(self, plan: Plan, *, backend: str | None = None):
+        self.plan, self.backend = plan, backend
+        self._checked: dict = {}
+        self.reset()
+
+    def reset(self, index: int = 0) -> None:
+        """Start a run at row `index`: no history, no x_last; the noise counter restarts at `index`."""
+        self.index = int(index)
+        self._history: list[torch.Tensor] = []   # m0, m1, ...: newest first
+        self._spare: list[torch.Tensor] = []     # buffers free for the next history write
+        self._x_last: torch.Tensor | None = None
+        self._x_last_spare: torch.Tensor | None = None
+
+    def _check(self, plan, x, e, e_uncond, noise, seeds, tables) -> None:
+        """The plan's terms against the arguments, once per plan and kind of call."""
+        key = (id(plan), x is not None, len(e), e_uncond is not None, noise is not None, seeds is not None,
+               tuple(k for k, v in tables.items() if v is not None) if tables else ())
+        if self._checked.get(key) is plan:
+            return
+        t, name = plan.terms, plan.name
+        if t.x and x is None:
+            raise ValueError(f"x: {name} reads the current sample; pass x")
+        if len(e) != t.n_e and not (t.n_e == 0 and len(e) <= 1):
+            raise ValueError(f"e: {name} reads {t.n_e} model output(s) per step, got {len(e)}")
+        if t.guided != (e_uncond is not None):
+            raise ValueError(f"e_uncond: {name} " + ("is guided; pass the unconditional outputs" if t.guided else
+                                                     "has no guidance scale; build it with guidance= to pass them"))
+        if t.noise and noise is None and seeds is None:
+            raise ValueError(f"noise: {name} draws noise; pass noise (a tensor like x) or seeds ([B] int64)")
+        for term, args in (("offset", ("offset",)), ("delta", ("delta_table", "component")),
+                           ("var", ("var_table", "component"))):
+            missing = [a for a in args if tables.get(a) is None]
+            if getattr(t, term) and missing:
+                raise ValueError(f"{missing[0]}: {name} reads {term} terms; pass {', '.join(args)}")
+        if len(self._checked) > 64:
+            self._checked.clear()
+        self._checked[key] = plan  # the plan is kept alive with its key, so its id is not reused
+
+    def _check_row(self, plan: Plan, r: int) -> None:
+        need = int(plan.history_reads[r])
+        if need > len(self._history):
+            raise ValueError(f"{plan.name}: {plan.row_label} {r} reads {need} history slot(s) but "
+                             f"{len(self._history)} exist(s) ({self.index - len(self._history)} is where the run "
+                             f"started); build the plan's warm-up rows for this start")
+
+    def _buffer(self, spare: list[torch.Tensor] | torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        if isinstance(spare, list):
+            spare = spare.pop() if spare else None
+        if spare is None or spare.shape != like.shape or spare.dtype != like.dtype or spare.device != like.device:
+            return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        return spare
+
+    def step(self, x: torch.Tensor | None, e=(), *, e_uncond=None, noise=None, seeds=None, noise_step=None,
+             row: int | None = None, rows: torch.Tensor | None = None, out: torch.Tensor | None = None,
+             shape=None, plan: Plan | None = None, m=None, advance: bool = True,
+             **tables) -> tuple[torch.Tensor, ...]:
+        """One fused step; returns the plan's outputs (``plan.outputs`` says what each one is).
+
+        Args:
+            x: the current sample; e: the model output(s) (the conditional ones when guided), e_uncond
+                the unconditional ones.
+            noise / seeds: a standard-normal tensor like x, or ``[B]`` int64 keys for in-kernel noise
+                drawn at ``noise_step`` (default: the step index).
+            row / rows: the plan row (host int), or ``[B]``/``[1]`` int64 device rows; default: the row of
+                the step index.
+            out: where output 0 (the next sample) goes (x itself: in place); default a new tensor.
+            plan: run this plan's row instead of ``self.plan``'s (a plan of the same run: another eta, the
+                x0 pass of dynamic thresholding).
+            m: history slots given by the caller for this call, instead of the ring (dynamic
+                thresholding feeds its thresholded x0 as m0).
+            advance: False for an auxiliary pass: the step index, history and x_last stay as they are.
+            tables: ``offset``, ``component``, ``delta_table``, ``var_table`` when the plan reads them.
+        """
+        plan = self.plan if plan is None else plan
+        e = e if type(e) is list else list(e) if isinstance(e, tuple) else [e]
+        self._check(plan, x, e, e_uncond, noise, seeds, tables)
+        ref = x if x is not None else (e[0] if e else noise)
+        dtype = ref.dtype if ref is not None else torch.float32
+        device = ref.device if ref is not None else seeds.device
+        coef = plan.coef(device, torch.float64 if dtype == torch.float64 else torch.float32)
+        if rows is None:
+            r = self.index if row is None else row
+            if plan.per_sample:
+                rows = torch.arange(r * plan.table.shape[1], (r + 1) * plan.table.shape[1], device=device)
+                r = 0
+            elif m is None and plan.terms.n_m:
+                self._check_row(plan, r if r >= 0 else r + plan.steps)
+        else:
+            r = 0
+        outs = None
+        if out is not None or plan.keeps:
+            like = ref if ref is not None else torch.empty(shape, dtype=dtype, device=device)
+            outs = [out if out is not None else torch.empty_like(like, memory_format=torch.contiguous_format)]
+            for role in plan.outputs[1:]:
+                if role == "history":
+                    outs.append(self._buffer(self._spare, like))
+                elif role == "x_last":
+                    outs.append(self._buffer(self._x_last_spare, like))
+                else:
+                    outs.append(torch.empty_like(like, memory_format=torch.contiguous_format))
+        results = ops.step(coef, x, e, e_uncond=e_uncond, m=self._history if m is None else m,
+                           x_last=self._x_last, row=r, rows=rows,
+                           noise=noise, seeds=seeds, noise_step=self.index if noise_step is None else noise_step,
+                           clamp=plan.clamp, n_out=len(plan.outputs), shape=shape, out=outs, backend=self.backend,
+                           **tables)
+        if not advance:
+            return results
+        if plan.keeps:
+            for role, t in zip(plan.outputs[1:], results[1:]):
+                if role == "history":
+                    self._history.insert(0, t)
+                    if len(self._history) > plan.terms.n_m:
+                        self._spare.append(self._history.pop())
+                elif role == "x_last":
+                    self._x_last_spare, self._x_last = self._x_last, t
+        self.index += 1
+        return results
