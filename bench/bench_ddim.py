@@ -6,7 +6,8 @@
 Default: x, eps of shape (16, 4, 256, 256) fp32 on CPU; DDIMScheduler() config, set_timesteps(50), the
 middle timestep (480 -> 460); eta = 0. With --eta > 0 every provider gets the same noise tensor z
 (diffusers via ``variance_noise``, so it does no RNG work), and the ``(seeds)`` rows use fastdiff's
-in-kernel Philox noise (checked against diffusers given that same Philox noise). Every output is
+in-kernel Philox noise (checked against diffusers given that same Philox noise). The eager and
+torch.compile rows run the paper-shaped reference (``fastdiff.reference.ddim.ddim_step``). Every output is
 checked against diffusers' ``prev_sample`` before timing.
 
     python bench/bench_ddim.py [--shape 16x4x256x256] [--dtype fp32] [--eta 0] [--providers 'fastdiff-*']
@@ -31,26 +32,14 @@ Bench, Provider, Skip = harness.Bench, harness.Provider, harness.Skip
 T_TRAIN = 1000
 
 
-def ddim_reference(x: torch.Tensor, eps: torch.Tensor, z: torch.Tensor | None, *, a_t: float, a_prev: float,
-                   eta: float, r: float) -> torch.Tensor:
-    """Plain-torch DDIM step in diffusers' form, storage-dtype arithmetic as eager diffusers does:
-    x0 = clamp((x - sqrt(1 - a_t)*eps)/sqrt(a_t), -r, r), x_prev = sqrt(a_prev)*x0 + dir*eps (+ std*z).
-    Coefficients are Python floats computed in float64 from the schedule (independent of fastdiff's
-    plan layout)."""
-    std = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
-    x0 = ((x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp(-r, r)
-    out = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - std**2, 0.0)) * eps
-    return out if z is None else out + std * z
-
-
 def main(argv: list[str] | None = None) -> int:
     p = harness.add_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]), (16, 4, 256, 256))
     p.add_argument("--eta", type=float, default=0.0, help="0: deterministic DDIM; 1: DDPM-like (noise)")
     p.add_argument("--steps", type=int, default=50, help="num_inference_steps (default %(default)s)")
     args = p.parse_args(argv)
     shape, dtype, device = harness.parse_shape(args.shape), harness.DTYPES[args.dtype], torch.device(args.device)
-    from fastdiff import backends, ops, schedules
-    from fastdiff import random as fd_random
+    from fastdiff import backends, ops, philox, schedules
+    from fastdiff.reference.ddim import ddim_step
     from fastdiff.samplers.ddim import ddim_plan
 
     abar = schedules.alphas_cumprod(schedules.betas(T_TRAIN))
@@ -58,29 +47,29 @@ def main(argv: list[str] | None = None) -> int:
     k = len(grid) // 2
     t, t_prev = int(grid[k]), int(grid[k]) - T_TRAIN // args.steps
     plan = ddim_plan(abar, np.array([t]), np.array([t_prev]), eta=args.eta, clip_sample=True, with_x0=False)
-    a_t, a_p = float(abar[t]), float(abar[t_prev])
-    coefs = dict(a_t=a_t, a_prev=a_p, eta=args.eta, r=1.0)  # clip_sample_range=1 (diffusers' default)
     g = torch.Generator().manual_seed(0)
     x, eps = (torch.randn(shape, generator=g).to(device, dtype) for _ in range(2))
     noisy = args.eta > 0
     z = torch.randn(shape, generator=g).to(device, dtype) if noisy else None
-    seeds = fd_random.sample_seeds(0, shape[0]).to(device)
+    seeds = philox.sample_seeds(0, shape[0]).to(device)
     n = math.prod(shape) * x.element_size()  # bytes of one tensor
 
     def diffusers_step(noise: torch.Tensor | None, **kw) -> torch.Tensor:
         """diffusers' prev_sample for noise z: the expected output of the checks."""
-        try:
-            from diffusers import DDIMScheduler
-        except ImportError as exc:
-            raise Skip(f"diffusers not importable ({exc}); it gives the expected output") from None
+        from diffusers import DDIMScheduler
+
         s = DDIMScheduler()
         s.set_timesteps(args.steps, device=device)
         return s.step(eps, s.timesteps[k], x, eta=args.eta, variance_noise=noise, **kw).prev_sample
 
+    def reference(x, eps, z):
+        """The paper-shaped step, with this step's abar values as Python floats."""
+        return ddim_step(x, eps, float(abar[t]), float(abar[t_prev]), args.eta, z, clip=1.0)[0]
+
     try:
         expected = diffusers_step(z)
-    except Skip:  # no diffusers: the float64 reference of the same math
-        expected = ddim_reference(x.double(), eps.double(), None if z is None else z.double(), **coefs).to(dtype)
+    except ImportError:  # no diffusers: the float64 reference of the same math
+        expected = reference(x.double(), eps.double(), None if z is None else z.double()).to(dtype)
 
     def fused(backend: str, noise: str = "tensor", inplace: bool = False) -> Bench:
         """fastdiff.ops.step with a plan row, x_next only: into a preallocated buffer, or in place over x
@@ -94,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         expect = None
         if noisy and noise == "seeds":
             kw.update(seeds=seeds, noise_step=0)
-            expect = diffusers_step(fd_random.randn(seeds, math.prod(shape[1:]), step=0).reshape(shape).to(dtype))
+            expect = diffusers_step(philox.randn(seeds, math.prod(shape[1:]), step=0).reshape(shape).to(dtype))
         elif noisy:
             kw.update(noise=z)
         return Bench(lambda: ops.step(x=xs, e=[eps], out=[buf], backend=backend, **kw)[0],
@@ -103,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     def scheduler() -> Bench:
         """FastDDIMScheduler.step: the diffusers drop-in (allocates prev_sample and x0 every call)."""
         from fastdiff.integrations.diffusers import FastDDIMScheduler
+
         s = FastDDIMScheduler()
         s.set_timesteps(args.steps, device=device)
         ts = s.timesteps[k]
@@ -110,12 +100,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def diffusers() -> Bench:
         from diffusers import DDIMScheduler  # ImportError: the harness reports a skipped row
+
         s = DDIMScheduler()
         s.set_timesteps(args.steps, device=device)
         ts = s.timesteps[k]
         return Bench(lambda: s.step(eps, ts, x, eta=args.eta, variance_noise=z).prev_sample, n * (4 + noisy))
-
-    ref = functools.partial(ddim_reference, **coefs)
 
     def k_diffusion() -> Bench:
         """Euler (eta=0) / Euler-ancestral step in k-diffusion's x/sqrt(abar) coordinates with a
@@ -125,19 +114,24 @@ def main(argv: list[str] | None = None) -> int:
             from k_diffusion import sampling
         except ImportError as exc:
             raise Skip(f"k_diffusion not importable ({exc})") from None
+        a_t, a_p = float(abar[t]), float(abar[t_prev])
         sigmas = torch.tensor([((1 - a_t) / a_t) ** 0.5, ((1 - a_p) / a_p) ** 0.5], device=device)
         x_ve = x / a_t**0.5
-        model = lambda v, sigma: (v - sigma.view(-1, *[1] * (v.dim() - 1)) * eps).clamp(-1, 1)
-        if noisy:
-            fn = lambda: sampling.sample_euler_ancestral(model, x_ve, sigmas, disable=True, eta=args.eta,
-                                                         noise_sampler=lambda *_: z)
-        else:
-            fn = lambda: sampling.sample_euler(model, x_ve, sigmas, disable=True)
+
+        def model(v, sigma):
+            return (v - sigma.view(-1, *[1] * (v.dim() - 1)) * eps).clamp(-1, 1)
+
+        def step():
+            if noisy:
+                return sampling.sample_euler_ancestral(model, x_ve, sigmas, disable=True, eta=args.eta,
+                                                       noise_sampler=lambda *_: z)
+            return sampling.sample_euler(model, x_ve, sigmas, disable=True)
+
         try:
-            fn()
+            step()
         except TypeError as exc:  # an old k-diffusion without eta/noise_sampler
             raise Skip(f"k_diffusion API: {exc}") from None
-        return Bench(fn, n * (3 + noisy), expected=diffusers_step(z, use_clipped_model_output=True) / a_p**0.5)
+        return Bench(step, n * (3 + noisy), expected=diffusers_step(z, use_clipped_model_output=True) / a_p**0.5)
 
     native = backends.choose(device) if device.type in ("cpu", "cuda") else "torch"
     providers = [Provider("diffusers", diffusers)]
@@ -149,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             providers.append(Provider(f"fastdiff-{b} (seeds)", functools.partial(fused, b, "seeds")))
     providers += [
         Provider(f"fastdiff-{native} (scheduler)", scheduler),
-        Provider("eager-torch", lambda: Bench(lambda: ref(x, eps, z), n * (3 + noisy))),
-        Provider("torch.compile", lambda: harness.compile_bench(ref, (x, eps, z), n * (3 + noisy), device)),
+        Provider("eager-torch", lambda: Bench(lambda: reference(x, eps, z), n * (3 + noisy))),
+        Provider("torch.compile", lambda: harness.compile_bench(reference, (x, eps, z), n * (3 + noisy), device)),
         Provider("k-diffusion", k_diffusion),
     ]
     return harness.run("ddim_step", args, providers, expected, argv)

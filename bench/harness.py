@@ -1,12 +1,12 @@
-"""The one benchmark harness (STYLE.md, "One benchmark harness, thin scripts").
+"""The one benchmark harness (bench/README.md): scripts only build inputs, this times and reports.
 
 A ``bench_<op>.py`` script only builds inputs: for each ``Provider`` a setup function returns a
 ``Bench`` (a zero-arg callable to time, returning the tensor to check, and the bytes it must move) or
 raises ``Skip(reason)`` (an ``ImportError`` counts as a skip too). ``run`` checks every output against
-the script's expected tensor *before* timing (a wrong kernel is not timed), times (CPU: repeated
-``perf_counter``; CUDA: ``triton.testing.do_bench``, else CUDA events; medians), measures the machine's
-copy bandwidth in the same run, prints an aligned table and appends JSON lines to
-``<out>/<device-slug>-<op>.jsonl``.
+the script's expected tensor *before* timing (a wrong kernel is not timed), then times all providers in
+interleaved rounds (so that a noisy machine's drift hits every row alike; CPU: repeated ``perf_counter``;
+CUDA: ``triton.testing.do_bench``, else CUDA events; medians), measures the machine's copy bandwidth in
+the same run, prints an aligned table and appends JSON lines to ``<out>/<device-slug>-<op>.jsonl``.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ class Bench:
     expected: torch.Tensor | None = None    # overrides the script's expected output (other coordinates)
     compile_s: float | None = None          # first call (compilation) time, reported apart
     note: str = ""
+    steps: int = 1                          # steps per fn() call (a whole trajectory): times are per step
+    tol: float | None = None                # max rel err allowed (default: TOL of the dtype, for one step)
 
 
 @dataclass
@@ -76,14 +78,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], Any], device: torch.device, repeats: int) -> dict[str, float]:
-    """Per-call times in ms: median, q25, q75, min over ``repeats`` samples, after warm-up (CPU: a
-    sample is ``inner`` back-to-back calls lasting >= 1 ms; CUDA: do_bench picks its own count)."""
-    inner = 1
+def samples(fn: Callable[[], Any], device: torch.device, repeats: int) -> list[float]:
+    """``repeats`` per-call times in ms after warm-up (CPU: a sample is ``inner`` back-to-back calls lasting
+    >= 1 ms, the timer's resolution; CUDA: do_bench picks its own count)."""
     if device.type == "cuda":
         try:
             from triton.testing import do_bench  # flushes L2 between calls: memory-bound ops see DRAM
-            ts = list(do_bench(fn, warmup=25, rep=max(20, 2 * repeats), return_mode="all"))
+            return list(do_bench(fn, warmup=25, rep=max(20, 2 * repeats), return_mode="all"))
         except ImportError:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             for _ in range(5):
@@ -95,21 +96,30 @@ def measure(fn: Callable[[], Any], device: torch.device, repeats: int) -> dict[s
                 end.record()
                 end.synchronize()
                 ts.append(start.elapsed_time(end))
-    else:
-        fn()
+            return ts
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    inner = max(1, int(1e-3 / max(time.perf_counter() - t0, 1e-9)))
+    ts, warm = [], max(2, repeats // 5)
+    for i in range(warm + repeats):  # the first `warm` samples are warm-up
         t0 = time.perf_counter()
-        fn()
-        inner = max(1, int(1e-3 / max(time.perf_counter() - t0, 1e-9)))  # samples >= 1 ms: timer resolution
-        ts, warm = [], max(2, repeats // 5)
-        for i in range(warm + repeats):  # the first `warm` samples are warm-up
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            if i >= warm:
-                ts.append((time.perf_counter() - t0) * 1e3 / inner)
+        for _ in range(inner):
+            fn()
+        if i >= warm:
+            ts.append((time.perf_counter() - t0) * 1e3 / inner)
+    return ts
+
+
+def summary(ts: list[float]) -> dict[str, float]:
+    """median, quartiles and min of per-call times (ms)."""
     q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
-    return {"median_ms": statistics.median(ts), "q25_ms": q[0], "q75_ms": q[2], "min_ms": min(ts), "n": len(ts),
-            "inner": inner}
+    return {"median_ms": statistics.median(ts), "q25_ms": q[0], "q75_ms": q[2], "min_ms": min(ts), "n": len(ts)}
+
+
+def measure(fn: Callable[[], Any], device: torch.device, repeats: int) -> dict[str, float]:
+    """``summary`` of ``samples``: one provider timed alone."""
+    return summary(samples(fn, device, repeats))
 
 
 def copy_bandwidth(device: torch.device, quick: bool) -> float:
@@ -121,17 +131,22 @@ def copy_bandwidth(device: torch.device, quick: bool) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def compile_bench(fn: Callable[..., Any], args: Sequence[Any], nbytes: int, device: torch.device) -> Bench:
-    """``torch.compile`` (inductor, default mode) of ``fn(*args)``; the first call's time is compile_s."""
+def compile_fn(fn: Callable[..., Any], args: Sequence[Any], device: torch.device) -> tuple[Callable[..., Any], float]:
+    """``torch.compile`` (inductor, default mode) of `fn`, called once on `args`: (compiled, seconds)."""
     try:
         cfn = torch.compile(fn)
         t0 = time.perf_counter()
         cfn(*args)
         _sync(device)
-        compile_s = time.perf_counter() - t0
+        return cfn, time.perf_counter() - t0
     except Exception as exc:  # no C++ compiler, unsupported op, ...: a skipped row, not a crash
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise Skip(f"torch.compile failed: {first[:160]}") from None
+
+
+def compile_bench(fn: Callable[..., Any], args: Sequence[Any], nbytes: int, device: torch.device) -> Bench:
+    """``fn(*args)`` under ``compile_fn``; the first call's time is compile_s."""
+    cfn, compile_s = compile_fn(fn, args, device)
     return Bench(lambda: cfn(*args), nbytes, compile_s=compile_s)
 
 
@@ -185,15 +200,25 @@ def _fmt(v: Any, spec: str) -> str:
 
 def table(rows: list[dict[str, Any]], baseline: str) -> str:
     """The rows as an aligned text table."""
-    cols = ["op", "shape", "dtype", "provider", "median ms", "IQR ms", "min ms", "GB/s", "% copy",
+    cols = ["op", "shape", "dtype", "provider", "median", "IQR", "min", "GB/s", "% copy",
             f"x vs {baseline}", "max rel err", "compile s", "note"]
-    body = [[r["op"], "x".join(map(str, r["shape"])), r["dtype"], r["provider"], _fmt(r.get("median_ms"), ".4g"),
-             "-" if r.get("q25_ms") is None else f"{r['q25_ms']:.4g}-{r['q75_ms']:.4g}", _fmt(r.get("min_ms"), ".4g"),
+    body = [[r["op"], "x".join(map(str, r["shape"])), r["dtype"], r["provider"], _time(r.get("median_ms")),
+             "-" if r.get("q25_ms") is None else f"{_time(r['q25_ms'])}-{_time(r['q75_ms'])}", _time(r.get("min_ms")),
              _fmt(r.get("gbps"), ".3g"), _fmt(r.get("copy_pct"), ".0f"), _fmt(r.get("speedup"), ".2f"),
              _fmt(r.get("max_rel_err"), ".1e"), _fmt(r.get("compile_s"), ".1f"), r.get("note", "")] for r in rows]
     w = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
-    line = lambda vals: "  ".join(v.ljust(w[i]) if i in (0, 3, 12) else v.rjust(w[i]) for i, v in enumerate(vals))
+
+    def line(vals):
+        return "  ".join(v.ljust(w[i]) if i in (0, 3, 12) else v.rjust(w[i]) for i, v in enumerate(vals))
+
     return "\n".join(s.rstrip() for s in [line(cols), line(["-" * x for x in w]), *map(line, body)])
+
+
+def _time(ms: float | None) -> str:
+    """A time in ms as '12.3 us' or '4.56 ms'."""
+    if ms is None:
+        return "-"
+    return f"{ms * 1e3:.3g} us" if ms < 1 else f"{ms:.4g} ms"
 
 
 def run(op: str, args: argparse.Namespace, providers: Sequence[Provider], expected: torch.Tensor | None,
@@ -210,8 +235,8 @@ def run(op: str, args: argparse.Namespace, providers: Sequence[Provider], expect
     print(f"# {op} on {head['device']} ({head['cores']} cores, torch threads {head['torch_threads']}, "
           f"load {head['loadavg'][0]:.2f}), "
           f"git {head['git']['commit']}{' dirty' if head['git']['dirty'] else ''}, copy bandwidth {copy_bw:.3g} GB/s")
-    rows, failed = [], False
-    for p in chosen:
+    rows, benches, failed = [], {}, False
+    for p in chosen:  # set up and check every provider first: a wrong one is not timed
         row: dict[str, Any] = {"kind": "row", "run": head["run"], "op": op, "shape": list(parse_shape(args.shape)),
                                "dtype": args.dtype, "device": str(device), "provider": p.name}
         try:
@@ -221,18 +246,29 @@ def run(op: str, args: argparse.Namespace, providers: Sequence[Provider], expect
             ref = b.expected if b.expected is not None else expected
             if out is not None and ref is not None:
                 row["max_rel_err"] = err = _rel_err(out, ref)
-                if not err <= TOL[dtype]:
-                    raise Skip(f"WRONG: max rel err {err:.2e} > {TOL[dtype]:.0e}, not timed")
-            row.update(measure(b.fn, device, repeats), nbytes=b.nbytes, compile_s=b.compile_s, note=b.note)
-            row["gbps"] = b.nbytes / (row["median_ms"] * 1e-3) / 1e9
-            row["copy_pct"] = 100 * row["gbps"] / copy_bw
-            row["status"] = "ok"
+                tol = TOL[dtype] if b.tol is None else b.tol
+                if not err <= tol:
+                    raise Skip(f"WRONG: max rel err {err:.2e} > {tol:.0e}, not timed")
+            benches[p.name] = b
         except (Skip, ImportError) as exc:  # ImportError: an optional dependency is missing
             failed |= str(exc).startswith("WRONG")
             row.update(status="wrong" if str(exc).startswith("WRONG") else "skipped", note=str(exc))
-        print(f"  {p.name}: {row['status']}" + (f" {row['median_ms']:.4g} ms" if "median_ms" in row else ""),
-              file=sys.stderr)
+            print(f"  {p.name}: {row['status']} ({row['note'][:100]})", file=sys.stderr)
         rows.append(row)
+    rounds = 1 if args.quick else 5  # interleaved: drift of a noisy machine hits every provider alike
+    times: dict[str, list[float]] = {name: [] for name in benches}
+    for _ in range(rounds):
+        for name, b in benches.items():
+            times[name] += [t / b.steps for t in samples(b.fn, device, max(2, repeats // rounds))]
+    for row in rows:
+        b = benches.get(row["provider"])
+        if b is None:
+            continue
+        row.update(summary(times[row["provider"]]), nbytes=b.nbytes, steps=b.steps, compile_s=b.compile_s,
+                   note=b.note, status="ok")
+        row["gbps"] = b.nbytes / (row["median_ms"] * 1e-3) / 1e9
+        row["copy_pct"] = 100 * row["gbps"] / copy_bw
+        print(f"  {row['provider']}: {_time(row['median_ms'])}", file=sys.stderr)
     base = next((r for r in rows if r["provider"] == args.baseline and r["status"] == "ok"), None)
     for r in rows:
         if base is not None and r["status"] == "ok":

@@ -131,6 +131,7 @@ class Plan:
 
     def _set(self, table: np.ndarray) -> None:
         self.table = table
+        self.per_sample = table.ndim == 3  # rows differ per sample: [rows, B, NUM_COEF]
         self.terms = terms_of(table, len(self.outputs), self.clamp, self.guided)
         self.history_reads = history_reads(table, len(self.outputs))
 
@@ -138,10 +139,6 @@ class Plan:
     def steps(self) -> int:
         """Rows of the table (steps of a run, or timesteps for a table indexed by timestep)."""
         return self.table.shape[0]
-
-    @property
-    def per_sample(self) -> bool:
-        return self.table.ndim == 3
 
     def coef(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The device copy ``[rows, NUM_COEF]`` (float32; float64 for float64 inputs), uploaded once."""

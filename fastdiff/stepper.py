@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import torch
 
-from fastdiff import ops
+from fastdiff.ops.step import step_positional
+from fastdiff.philox import DOMAIN_STEP
 from fastdiff.plan import Plan
+
+
+_TABLES = frozenset(("offset", "component", "delta_table", "var_table"))
 
 
 class Stepper:
@@ -107,6 +111,9 @@ class Stepper:
             tables: ``offset``, ``component``, ``delta_table``, ``var_table`` when the plan reads them.
         """
         plan = self.plan if plan is None else plan
+        if tables and not _TABLES.issuperset(tables):
+            raise TypeError(f"step() got unexpected arguments {sorted(set(tables) - _TABLES)}; tables are "
+                            f"{sorted(_TABLES)}")
         e = e if type(e) is list else list(e) if isinstance(e, tuple) else [e]
         self._check(plan, x, e, e_uncond, noise, seeds, tables)
         ref = x if x is not None else (e[0] if e else noise)
@@ -133,11 +140,11 @@ class Stepper:
                     outs.append(self._buffer(self._x_last_spare, like))
                 else:
                     outs.append(torch.empty_like(like, memory_format=torch.contiguous_format))
-        results = ops.step(coef, x, e, e_uncond=e_uncond, m=self._history if m is None else m,
-                           x_last=self._x_last, row=r, rows=rows,
-                           noise=noise, seeds=seeds, noise_step=self.index if noise_step is None else noise_step,
-                           clamp=plan.clamp, n_out=len(plan.outputs), shape=shape, out=outs, backend=self.backend,
-                           **tables)
+        results = step_positional(
+            coef, x, e, e_uncond, self._history if m is None else list(m), self._x_last, r, rows,
+            tables.get("offset"), tables.get("component"), tables.get("delta_table"), tables.get("var_table"), noise,
+            seeds, self.index if noise_step is None else noise_step, DOMAIN_STEP, plan.clamp, len(plan.outputs),
+            shape, outs, self.backend)
         if not advance:
             return results
         if plan.keeps:

@@ -16,11 +16,12 @@ from fastdiff import backends, ops
 def no_native(monkeypatch):
     """The package as it is when fastdiff._C failed to build or load."""
     monkeypatch.setattr(backends, "native", lambda: (None, "fastdiff._C is not importable (simulated)"))
-    backends._status.cache_clear()
-    backends._CHOICES.clear()
+    signatures = sys.modules["fastdiff.ops.step"]._SIGNATURES  # calls seen before, bound to the module
+    for cache in (backends._status.cache_clear, backends._CHOICES.clear, signatures.clear):
+        cache()
     yield
-    backends._status.cache_clear()
-    backends._CHOICES.clear()
+    for cache in (backends._status.cache_clear, backends._CHOICES.clear, signatures.clear):
+        cache()
 
 
 def test_without_native_module_the_torch_backend_serves(no_native):

@@ -85,71 +85,92 @@ def _check_coef_host(coef: torch.Tensor, row: int, rows: torch.Tensor | None) ->
 
 class _Signature:
     """What one kind of call fixes, found valid by ``validate`` once: its plan table (at that version),
-    the backend, and the native parameters that do not change from call to call (sizes, dtype, table,
-    flags). Later calls of the kind check only their tensors, then fill in pointers, row and noise step."""
+    the inputs' size, dtype and device, which terms come (``flags``) and the backend's launcher. Later
+    calls of the kind check only their tensors against it; ``pack`` (generated for the kind, by field
+    name) then builds the native parameters with everything else baked in."""
 
-    __slots__ = ("coef", "version", "rows", "backend", "args")
+    __slots__ = ("coef", "version", "rows", "flags", "size", "dtype", "device", "pack", "launch")
 
-    def __init__(self, a: StepArgs, backend: str):
+    def __init__(self, a: StepArgs, backend: str, flags: tuple):
         self.coef, self.version, self.rows = weakref.ref(a.coef), a.coef._version, a.coef.shape[0]
-        self.backend = backend
-        self.args = list(native_args(a, [None] * a.n_out)) if backend in ("cpu", "cuda") else None
+        self.flags, self.size, self.dtype, self.device = flags, torch.Size(a.shape), a.dtype, a.device
+        self.pack = self.launch = None
+        if backend in ("cpu", "cuda") and a.batch and a.numel:
+            self.pack = _make_pack(native_args(a, [None] * a.n_out), a)
+            self.launch = backends.native()[0].step_cpu if backend == "cpu" else \
+                (lambda args, device=a.device: native_step(args, device))
+
+    def matches(self, coef, x, row: int, flags: tuple) -> bool:
+        return (self.coef() is coef and self.version == coef._version and -self.rows <= row < self.rows
+                and flags == self.flags and x.shape == self.size and x.dtype == self.dtype and x.device == self.device)
 
 
-_SIGNATURES: dict[tuple, _Signature] = {}
-_AT = {name: i for i, name in enumerate(L.STEP_FIELDS)}  # native parameter positions, by name
-_AT_E, _AT_M = [_AT["e0"], _AT["e1"]], [_AT["m0"], _AT["m1"], _AT["m2"]]
-_AT_OUT = [_AT["out0"], _AT["out1"], _AT["out2"]]
-_AT_X, _AT_LAST, _AT_NOISE, _AT_SEEDS, _AT_STEP, _AT_DOMAIN, _AT_ROW, _AT_BATCH, _AT_NUMEL = (
-    _AT[n] for n in ("x", "x_last", "noise", "seeds", "noise_step", "noise_domain", "row", "batch", "numel"))
+def _make_pack(template: tuple, a: StepArgs):
+    """``pack(x, e, m, x_last, noise, seeds, row, noise_step, noise_domain, out)`` -> the native parameters
+    of a call like `a`: the per-call fields read off the arguments by name, the rest the template's."""
+    per_call = {"x": "x.data_ptr()", "row": "row", "noise_step": "noise_step & 0xFFFFFFFF",
+                "noise_domain": "noise_domain & 0xFFFFFFFF"}
+    per_call.update({f"e{i}": f"e[{i}].data_ptr()" for i in range(len(a.e))})
+    per_call.update({f"m{i}": f"m[{i}].data_ptr()" for i in range(len(a.m))})
+    per_call.update({f"out{k}": f"out[{k}].data_ptr()" for k in range(a.n_out)})
+    for name in ("x_last", "noise", "seeds"):
+        if getattr(a, name) is not None:
+            per_call[name] = f"{name}.data_ptr()"
+    fields = ", ".join(per_call.get(f, repr(v)) for f, v in zip(L.STEP_FIELDS, template))
+    src = f"def pack(x, e, m, x_last, noise, seeds, row, noise_step, noise_domain, out):\n    return ({fields},)\n"
+    scope: dict = {}
+    exec(compile(src, "<fastdiff step pack>", "exec"), scope)
+    return scope["pack"]
 
 
-def _signature_key(coef, x, e, m, x_last, noise, seeds, clamp, n_out, backend, grad) -> tuple | None:
-    """The kind of a plain call (x and every batch-shaped input contiguous tensors of one shape, dtype
-    and device, none requiring grad; no tables, offsets or per-sample rows), or None for another call.
-    Checks only what it reads; ``validate`` names what is wrong."""
+_SIGNATURES: dict[int, _Signature] = {}  # id(plan table) -> the signature of the last plain call with it
+
+
+def _plain_inputs(x, e, m, x_last, noise, seeds, grad: bool) -> bool:
+    """Whether x and every batch-shaped input are contiguous tensors of one shape, dtype and device, none
+    requiring grad (and seeds a [B] int64 tensor there): the inputs of a plain call."""
     T = torch.Tensor
-    if type(x) is not T or type(coef) is not T or not x.is_contiguous() or (grad and x.requires_grad):
-        return None
+    if type(x) is not T or not x.is_contiguous() or (grad and x.requires_grad):
+        return False
     size, dtype, device = x.shape, x.dtype, x.device
     for t in (*e, *m, x_last, noise):
         if t is not None and (type(t) is not T or t.shape != size or t.dtype != dtype or t.device != device
                               or not t.is_contiguous() or (grad and t.requires_grad)):
-            return None
-    if seeds is not None and (type(seeds) is not T or seeds.shape != size[:1] or seeds.dtype != torch.int64
-                              or seeds.device != device or not seeds.is_contiguous()):
-        return None
-    return (id(coef), size, dtype, device, len(e), len(m), x_last is not None, noise is not None,
-            seeds is not None, bool(clamp), n_out, backend or forced_backend())
+            return False
+    return seeds is None or (type(seeds) is T and seeds.shape == size[:1] and seeds.dtype == torch.int64
+                             and seeds.device == device and seeds.is_contiguous())
+
+
+def _plain_out(out, n_out: int, x: torch.Tensor, inputs) -> bool:
+    """Whether `out` holds n_out contiguous tensors like x, each exactly an input (in place) or apart from
+    every input and from each other. Anything else goes to ``_check_out`` (which names it, or computes
+    into a contiguous buffer and copies)."""
+    if type(out) not in (list, tuple) or len(out) != n_out:
+        return False
+    size, dtype, device, T = x.shape, x.dtype, x.device, torch.Tensor
+    nbytes = x.numel() * x.element_size()
+    starts = []
+    for o in out:
+        if type(o) is not T or o.shape != size or o.dtype != dtype or o.device != device or not o.is_contiguous():
+            return False
+        lo = o.data_ptr()
+        for other in starts:
+            if abs(other - lo) < nbytes:
+                return False
+        for t in inputs:
+            if t is not None and t is not o and abs(t.data_ptr() - lo) < nbytes:
+                return False
+        starts.append(lo)
+    return True
 
 
 def _run_signature(sig: _Signature, x, e, m, x_last, row, noise, seeds, noise_step, noise_domain, out, n_out):
-    """A call of a known kind: outputs allocated (or the checked `out`), native pointers filled in."""
+    """A call of a known kind: outputs allocated (or the checked `out`), then one native launch."""
     if out is None:
-        outs = (torch.empty_like(x),) if n_out == 1 else tuple(torch.empty_like(x) for _ in range(n_out))
-    else:
-        outs = out
-    args = sig.args.copy()
-    args[_AT_X] = x.data_ptr()
-    if e:
-        args[_AT_E[0]] = e[0].data_ptr()
-        if len(e) > 1:
-            args[_AT_E[1]] = e[1].data_ptr()
-    for i in range(len(m)):
-        args[_AT_M[i]] = m[i].data_ptr()
-    if x_last is not None:
-        args[_AT_LAST] = x_last.data_ptr()
-    if noise is not None:
-        args[_AT_NOISE] = noise.data_ptr()
-    if seeds is not None:
-        args[_AT_SEEDS] = seeds.data_ptr()
-    args[_AT_STEP], args[_AT_DOMAIN] = noise_step & 0xFFFFFFFF, noise_domain & 0xFFFFFFFF
-    args[_AT_ROW] = row
-    for k in range(n_out):
-        args[_AT_OUT[k]] = outs[k].data_ptr()
-    if args[_AT_BATCH] and args[_AT_NUMEL]:
-        native_step(tuple(args), x.device)
-    return outs
+        out = (torch.empty_like(x),) if n_out == 1 else (torch.empty_like(x), torch.empty_like(x)) \
+            if n_out == 2 else (torch.empty_like(x), torch.empty_like(x), torch.empty_like(x))
+    sig.launch(sig.pack(x, e, m, x_last, noise, seeds, row, noise_step, noise_domain, out))
+    return tuple(out)
 
 
 def validate(
@@ -456,43 +477,42 @@ def step(
         A tuple of ``n_out`` tensors shaped like x, in the storage dtype. An input whose weight is 0 is
         not read. Differentiable (through the torch reference) when an input requires grad.
     """
-    e_list, m_list = e if type(e) is list else list(e), m if type(m) is list else list(m)
+    return step_positional(coef, x, e if type(e) is list else list(e), e_uncond, m if type(m) is list else list(m),
+                           x_last, row, rows, offset, component, delta_table, var_table, noise, seeds, noise_step,
+                           noise_domain, clamp, n_out, shape, out, backend)
+
+
+def step_positional(coef, x, e: list, e_uncond, m: list, x_last, row, rows, offset, component, delta_table,
+                    var_table, noise, seeds, noise_step, noise_domain, clamp, n_out, shape, out, backend):
+    """``step`` with every argument in order, e and m as lists: what ``fastdiff.stepper`` calls every step
+    (keyword passing costs ~1 us of a ~12 us step at small sizes)."""
     plain = (e_uncond is None and rows is None and offset is None and component is None and delta_table is None
-             and var_table is None and shape is None and type(row) is int and len(e_list) <= 2 and len(m_list) <= 3
+             and var_table is None and shape is None and type(row) is int and len(e) <= 2 and len(m) <= 3
              and not torch.compiler.is_compiling())
     if plain:
-        key = _signature_key(coef, x, e_list, m_list, x_last, noise, seeds, clamp, n_out, backend,
-                             torch.is_grad_enabled())
-        sig = None if key is None else _SIGNATURES.get(key)
-        if (sig is not None and sig.coef() is coef and sig.version == coef._version and -sig.rows <= row < sig.rows
-                and (out is None or len(out) == n_out)):
-            if out is None and sig.args is not None:
-                return _run_signature(sig, x, e_list, m_list, x_last, row, noise, seeds, noise_step, noise_domain,
-                                      None, n_out)
-            a = StepArgs(coef, x, e_list, None, m_list, x_last, row, None, None, None, None, None, noise, seeds,
-                         noise_step, noise_domain, bool(clamp), n_out, tuple(x.shape), x.dtype, x.device)
-            if out is None or sig.args is None:
-                return _execute(a, out, backend)
-            out = _check_out(a, out)
-            if not all(o.is_contiguous() for o in out):
-                return _execute(a, out, backend)
-            return _run_signature(sig, x, e_list, m_list, x_last, row, noise, seeds, noise_step, noise_domain, out,
-                                  n_out)
+        grad = torch.is_grad_enabled()
+        flags = (len(e), len(m), x_last is not None, noise is not None, seeds is not None, bool(clamp), n_out,
+                 backend or forced_backend())
+        sig = _SIGNATURES.get(id(coef))
+        if (sig is not None and sig.pack is not None and type(x) is torch.Tensor and sig.matches(coef, x, row, flags)
+                and _plain_inputs(x, e, m, x_last, noise, seeds, grad)
+                and (out is None or _plain_out(out, n_out, x, (*e, *m, x_last, noise)))):
+            return _run_signature(sig, x, e, m, x_last, row, noise, seeds, noise_step, noise_domain, out, n_out)
     if torch.compiler.is_compiling():
-        grads = [x, *e_list, *(e_uncond or ()), *m_list, x_last, noise]
+        grads = [x, *e, *(e_uncond or ()), *m, x_last, noise]
         if not needs_reference(getattr(x, "dtype", torch.float32), grads):
-            args = (coef, x, e_list, list(e_uncond or []), m_list, x_last, row, rows, offset, component,
-                    delta_table, var_table, noise, seeds, noise_step, noise_domain, clamp, n_out, list(shape or []),
-                    backend or "")
+            args = (coef, x, e, list(e_uncond or []), m, x_last, row, rows, offset, component, delta_table, var_table,
+                    noise, seeds, noise_step, noise_domain, clamp, n_out, list(shape or []), backend or "")
             if out is None:
                 return tuple(torch.ops.fastdiff.step(*args))
             torch.ops.fastdiff.step_out(*args, list(out))
             return tuple(out)
-    a = validate(coef, x, e_list, e_uncond, m_list, x_last, row, rows, offset, component, delta_table, var_table,
-                 noise, seeds, noise_step, noise_domain, clamp, n_out, shape, values=not torch.compiler.is_compiling())
+    a = validate(coef, x, e, e_uncond, m, x_last, row, rows, offset, component, delta_table, var_table, noise, seeds,
+                 noise_step, noise_domain, clamp, n_out, shape, values=not torch.compiler.is_compiling())
     result = _execute(a, out, backend)
-    if plain and key is not None and a.dtype != torch.float64 and a.coef.dtype == torch.float32:
+    if (plain and a.dtype != torch.float64 and a.coef.dtype == torch.float32
+            and _plain_inputs(x, e, m, x_last, noise, seeds, grad)):
         if len(_SIGNATURES) >= 64:
             _SIGNATURES.clear()
-        _SIGNATURES[key] = _Signature(a, backends.choose(a.device, backend))
+        _SIGNATURES[id(coef)] = _Signature(a, backends.choose(a.device, backend), flags)
     return result

@@ -67,11 +67,13 @@ class FastSchedulerMixin:
 
     def _init_fast(self) -> None:
         self.backend: str | None = None
+        self._T = self.config.num_train_timesteps
         self._seeds = None
         self._plans: dict[tuple, Plan] = {}
         self._seed_cache: dict[tuple, tuple] = {}
         self._begin_index = None
         self._built = None
+        self._last_plans = None
         self._stepper = Stepper(q_sample_plan(1.0, 0.0))  # the run's state; each call names its plan
         self._refresh()
 
@@ -100,21 +102,33 @@ class FastSchedulerMixin:
 
     # ---------------------------------------------------------------------------------------- plans
     def _state(self) -> tuple:
-        """What the plans are built from: assignments (generation) and in-place changes (versions)."""
-        return (self.__dict__.get("_generation", 0),
-                *(getattr(self, n)._version for n in self._tensor_sources))
+        """What the plans are built from: assignments (generation), and the tensors with their versions
+        (in-place changes)."""
+        sources = tuple(self.__dict__[n] for n in self._tensor_sources)
+        return self.__dict__.get("_generation", 0), sources, tuple(t._version for t in sources)
 
     def _refresh(self) -> None:
         """Rebuild the plans if what they are built from changed since they were built."""
         state = self._state()
-        if state != self._built:
+        if self._built is None or state[0] != self._built[0] or state[2] != self._built[2]:
             self._plans.clear()
+            self._last_plans = None
             self._abar = self.alphas_cumprod.detach().double().cpu().numpy()
             self._built = state
         self._prepare()
 
     def _prepare(self) -> None:
         """Build (or find) the plans the current run needs; called by set_timesteps and after changes."""
+
+    def _cached_plans(self, key: tuple, build, *args) -> tuple:
+        """The plans of one kind of step (``build(*args)`` when `key` differs from the last call's): a step
+        repeats the last call's arguments almost always, and comparing one tuple is the cheapest check."""
+        last = self._last_plans
+        if last is not None and last[0] == key:
+            return last[1]
+        plans = build(*args)
+        self._last_plans = (key, plans)
+        return plans
 
     def _plan(self, key: tuple, build) -> Plan:
         """The cached plan of `key`, built by ``build()`` when missing (at most MAX_PLANS are kept)."""
@@ -132,10 +146,10 @@ class FastSchedulerMixin:
         """Rebuild the plans if a source changed (cheap: a few version counters; not under torch.compile)."""
         if torch.compiler.is_compiling():
             return
-        built = self._built
-        stale = self.__dict__.get("_generation", 0) != built[0]
-        for i, name in enumerate(self._tensor_sources):
-            stale = stale or getattr(self, name)._version != built[i + 1]
+        generation, sources, versions = self._built
+        stale = self.__dict__.get("_generation", 0) != generation
+        for t, v in zip(sources, versions):
+            stale = stale or t._version != v
         if stale:
             self._refresh()
 
@@ -145,7 +159,7 @@ class FastSchedulerMixin:
         timestep -1 (which diffusers' "trailing" spacing yields for some step counts; row -1 counts from
         the end). A host value (int, numpy integer, CPU tensor) is checked and becomes `row`; a device
         tensor, or several timesteps (one per sample), stays a tensor `rows` - no sync with the GPU."""
-        T = self.config.num_train_timesteps
+        T = self._T
         if isinstance(timestep, torch.Tensor):
             if timestep.dtype not in _INTEGER_DTYPES:
                 raise TypeError(f"timestep: expected an integer timestep (as in timesteps), got a "
@@ -169,20 +183,20 @@ class FastSchedulerMixin:
 
     # ---------------------------------------------------------------------------------------- noise
     def _noise(self, needed: bool, like: torch.Tensor, dtype: torch.dtype, generator=None, variance_noise=None,
-               seeds=None) -> dict:
-        """The noise arguments of a step that draws noise: diffusers' draw (``randn_tensor`` shaped and
-        typed like `like`, the model output), the given tensor, or per-sample seeds."""
+               seeds=None) -> tuple:
+        """(noise, seeds) of a step that draws noise: diffusers' draw (``randn_tensor`` shaped and typed like
+        `like`, the model output), the given tensor, or per-sample seeds; (None, None) for no noise."""
         if not needed:
-            return {}
+            return None, None
         if variance_noise is not None and generator is not None:
             raise ValueError("Cannot pass both generator and variance_noise. Please make sure that either "
                              "`generator` or `variance_noise` stays `None`.")
         if variance_noise is not None:
-            return {"noise": variance_noise.to(dtype)}
+            return variance_noise.to(dtype), None
         seeds = self._seeds if seeds is None else philox.check_seeds(seeds)
         if seeds is not None:
-            return {"seeds": self._seed_tensor(seeds, like.shape[0], like.device)}
-        return {"noise": randn_tensor(like.shape, generator=generator, device=like.device, dtype=like.dtype).to(dtype)}
+            return None, self._seed_tensor(seeds, like.shape[0], like.device)
+        return randn_tensor(like.shape, generator=generator, device=like.device, dtype=like.dtype).to(dtype), None
 
     def _seed_tensor(self, seeds, batch: int, device: torch.device) -> torch.Tensor:
         """The [B] int64 seeds on `device`: derived or copied once, not every step."""
