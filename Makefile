@@ -13,6 +13,7 @@ demo: $(VENV)/.demo
 	$(PY) -m fastdiff demo
 
 test: $(VENV)/.test
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
 info: $(VENV)/.demo
@@ -20,6 +21,7 @@ info: $(VENV)/.demo
 
 bench: $(VENV)/.test
 	$(PY) bench/bench_ddim.py
+	$(PY) bench/bench_overhead.py
 
 wheel: $(VENV)/.tools
 	$(PY) -m pip wheel --no-deps -w dist .

@@ -24,7 +24,6 @@ from fastdiff.ops.step import step_positional
 from fastdiff.philox import DOMAIN_STEP
 from fastdiff.plan import Plan
 
-
 _TABLES = frozenset(("offset", "component", "delta_table", "var_table"))
 
 

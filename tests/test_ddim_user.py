@@ -261,3 +261,25 @@ def test_fast_output_objects_are_diffusers_objects():
             output(DDIMSchedulerOutput, prev_sample=a, pred_original_sample=x0)
         assert type(got) is type(want) and list(got.items()) == list(want.items())
         assert vars(got) == vars(want) and got.to_tuple() == want.to_tuple() and got[0] is a
+
+
+def test_step_index_rows_follow_diffusers_rules():
+    """The shared base's rows by step index (what multistep drop-ins use): found from the first timestep
+    as diffusers' index_for_timestep finds it (second of two equal ones, last when absent), from
+    begin_index when set, 0 for a device timestep (no sync); then counted by the steps taken."""
+    fast = FastDDIMScheduler(timestep_spacing="trailing")
+    fast.set_timesteps(61)  # trailing yields 62 timesteps, the last -1
+    grid = fast.timesteps.tolist()
+    assert fast.step_index is None
+    assert fast._step_row(torch.tensor(grid[5])) == 5
+    x = torch.zeros(1, 4)
+    fast.step(x, grid[5], x)
+    assert fast.step_index == 6 and fast._step_row(grid[6]) == 6
+    fast.set_timesteps(61)
+    assert fast._step_row(12345) == len(grid) - 1
+    fast.set_timesteps(10)
+    fast.set_begin_index(3)
+    assert fast.step_index == 3 and fast._step_row(0) == 3
+    fast.set_timesteps(10)
+    fast._host_timesteps = [900, 800, 800, 700]
+    assert fast._step_row(800) == 2

@@ -9,7 +9,8 @@
   that may change between calls: ``num_inference_steps``, eta, ...); all rebuilt when a tensor they come
   from (``alphas_cumprod``, ...) is assigned or changed in place;
 - **rows**: a timestep selects its row in a table indexed by timestep (``_timestep_row``: host values
-  checked, device tensors stay on the device - no sync), or the step index selects it;
+  checked, device tensors stay on the device - no sync), or the step index selects it (``_step_row``,
+  diffusers' ``step_index`` of multistep schedulers);
 - ``add_noise`` / ``get_velocity`` as fused forward-process plans, and dynamic thresholding as an op.
 """
 
@@ -74,6 +75,7 @@ class FastSchedulerMixin:
         self._begin_index = None
         self._built = None
         self._last_plans = None
+        self._host_timesteps, self._started = None, False
         self._stepper = Stepper(q_sample_plan(1.0, 0.0))  # the run's state; each call names its plan
         self._refresh()
 
@@ -87,11 +89,15 @@ class FastSchedulerMixin:
         if isinstance(begin_index, bool) or not isinstance(begin_index, (int, np.integer)) or begin_index < 0:
             raise ValueError(f"begin_index: expected an int >= 0, got {begin_index!r}")
         self._begin_index = int(begin_index)
+        self._started = True
         self._stepper.reset(self._begin_index)
 
-    def _restart(self) -> None:
-        """A new run (``set_timesteps``): begin_index forgotten, as diffusers does; plans brought up to date."""
+    def _restart(self, timesteps=None) -> None:
+        """A new run (``set_timesteps``, given the run's timesteps on the host): begin_index forgotten, as
+        diffusers does; the step index unknown until the first step; plans brought up to date."""
         self._begin_index = None
+        self._host_timesteps = None if timesteps is None else [int(t) for t in timesteps]
+        self._started = False
         self._stepper.reset(0)
         self._refresh()
 
@@ -180,6 +186,27 @@ class FastSchedulerMixin:
         if not -1 <= t < T:
             raise ValueError(f"timestep: expected a value in [-1, {T}), got {t}")
         return t, None
+
+    def _step_row(self, timestep) -> int:
+        """The row of a plan indexed by step (multistep schedulers): diffusers' ``step_index``. The first
+        step of a run finds it - ``begin_index`` when set, else the place of `timestep` in the run's
+        timesteps (the second of two equal ones, the last step when absent, as diffusers' index_for_timestep
+        does) - and later steps count on (the stepper's index). A device timestep is not read (that would
+        wait for the GPU): a run without begin_index then starts at step 0, where pipelines start it."""
+        if not self._started:
+            self._started = True
+            grid = self._host_timesteps
+            if grid is not None and not (isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu"):
+                t = int(timestep)
+                where = [i for i, v in enumerate(grid) if v == t]
+                self._stepper.reset(where[1] if len(where) > 1 else where[0] if where else len(grid) - 1)
+        return self._stepper.index
+
+    @property
+    def step_index(self):
+        """The index of the next step (None before the first step of a run), as diffusers' multistep
+        schedulers report it."""
+        return self._stepper.index if self._started else None
 
     # ---------------------------------------------------------------------------------------- noise
     def _noise(self, needed: bool, like: torch.Tensor, dtype: torch.dtype, generator=None, variance_noise=None,

@@ -76,7 +76,7 @@ class FastDDIMScheduler(FastSchedulerMixin, SchedulerMixin, ConfigMixin):
         self.num_inference_steps = num_inference_steps
         self.timesteps = torch.from_numpy(ts).to(device)
         self._device = torch.device(device) if device is not None else torch.device("cpu")
-        self._restart()
+        self._restart(ts)
 
     def _prepare(self) -> None:
         """The eta = 0 plans of this run, on the run's device (other etas are built on first use)."""
