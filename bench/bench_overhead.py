@@ -51,7 +51,7 @@ def run_shape(args, argv) -> int:
     shape, dtype, device = harness.parse_shape(args.shape), harness.DTYPES[args.dtype], torch.device(args.device)
     g = torch.Generator().manual_seed(0)
     x_T, eps = (torch.randn(shape, generator=g).to(device, dtype) for _ in range(2))
-    n, nbytes = args.steps, x_T.numel() * x_T.element_size()
+    n, nbytes = args.steps, x_T.numel() * x_T.element_size()  # a step reads x, eps and writes x_prev (, x0)
 
     tol = 100 * harness.TOL[dtype]  # a trajectory's rounding, not one step's
 
@@ -77,7 +77,7 @@ def run_shape(args, argv) -> int:
     def scheduler(return_dict: bool) -> Bench:
         s = FastDDIMScheduler()
         s.backend = native
-        return Bench(trajectory(s, return_dict), 5 * nbytes * n, steps=n, tol=tol)
+        return Bench(trajectory(s, return_dict), 4 * nbytes, steps=n, tol=tol)
 
     def fused_op() -> Bench:
         plan = ddim_plan(abar, ts, prev, clip_sample=True)  # x_prev and x0, as the drop-in
@@ -88,12 +88,12 @@ def run_shape(args, argv) -> int:
             for s in range(n):
                 x, _ = ops.step(coef, x, [eps], row=s, clamp=True, n_out=2, backend=native)
             return x
-        return Bench(fn, 4 * nbytes * n, steps=n, tol=tol)
+        return Bench(fn, 4 * nbytes, steps=n, tol=tol)
 
     def fused_loop() -> Bench:
         plan = ddim_plan(abar, ts, prev, clip_sample=True, with_x0=False)
         timesteps = torch.from_numpy(ts).to(device)
-        return Bench(lambda: sample(lambda x, t: eps, x_T, plan, timesteps, backend=native), 3 * nbytes * n,
+        return Bench(lambda: sample(lambda x, t: eps, x_T, plan, timesteps, backend=native), 3 * nbytes,
                      steps=n, tol=tol)
 
     at = [torch.tensor(float(abar[t]), dtype=torch.float64, device=device) for t in ts]
@@ -108,16 +108,16 @@ def run_shape(args, argv) -> int:
         return fn
 
     def eager() -> Bench:
-        return Bench(reference(lambda x, e, a, b: ddim_step(x, e, a, b, clip=1.0)), 4 * nbytes * n, steps=n, tol=tol)
+        return Bench(reference(lambda x, e, a, b: ddim_step(x, e, a, b, clip=1.0)), 4 * nbytes, steps=n, tol=tol)
 
     def compiled() -> Bench:
         """The step compiled, the loop eager: what torch.compile gives a sampler written in torch."""
         step, compile_s = harness.compile_fn(lambda x, e, a, b: ddim_step(x, e, a, b, clip=1.0),
                                              (x_T, eps, at[0], ap[0]), device)
-        return Bench(reference(step), 4 * nbytes * n, compile_s=compile_s, steps=n, tol=tol)
+        return Bench(reference(step), 4 * nbytes, compile_s=compile_s, steps=n, tol=tol)
 
     providers = [
-        Provider("diffusers", lambda: Bench(trajectory(DDIMScheduler()), 5 * nbytes * n, steps=n, tol=tol)),
+        Provider("diffusers", lambda: Bench(trajectory(DDIMScheduler()), 4 * nbytes, steps=n, tol=tol)),
         Provider(f"fastdiff-{native} FastDDIMScheduler", lambda: scheduler(True)),
         Provider(f"fastdiff-{native} FastDDIMScheduler (return_dict=False)", lambda: scheduler(False)),
         Provider(f"fastdiff-{native} ops.step", fused_op),

@@ -42,7 +42,7 @@ class Bench:
     """What a provider's setup returns: ``fn()`` is timed and returns the tensor to check (or None)."""
 
     fn: Callable[[], Any]
-    nbytes: int                             # bytes the op must move (reads + writes), for GB/s
+    nbytes: int                             # bytes one step must move (reads + writes), for GB/s
     expected: torch.Tensor | None = None    # overrides the script's expected output (other coordinates)
     compile_s: float | None = None          # first call (compilation) time, reported apart
     note: str = ""

@@ -24,7 +24,8 @@ from fastdiff.ops.step import step_positional
 from fastdiff.philox import DOMAIN_STEP
 from fastdiff.plan import Plan
 
-_TABLES = frozenset(("offset", "component", "delta_table", "var_table"))
+_TABLE_ORDER = ("offset", "component", "delta_table", "var_table")
+_TABLES, _NO_TABLES = frozenset(_TABLE_ORDER), (None, None, None, None)
 
 
 class Stepper:
@@ -139,11 +140,11 @@ class Stepper:
                     outs.append(self._buffer(self._x_last_spare, like))
                 else:
                     outs.append(torch.empty_like(like, memory_format=torch.contiguous_format))
+        offset, component, delta_table, var_table = (tables.get(k) for k in _TABLE_ORDER) if tables else _NO_TABLES
         results = step_positional(
-            coef, x, e, e_uncond, self._history if m is None else list(m), self._x_last, r, rows,
-            tables.get("offset"), tables.get("component"), tables.get("delta_table"), tables.get("var_table"), noise,
-            seeds, self.index if noise_step is None else noise_step, DOMAIN_STEP, plan.clamp, len(plan.outputs),
-            shape, outs, self.backend)
+            coef, x, e, e_uncond, self._history if m is None else list(m), self._x_last, r, rows, offset, component,
+            delta_table, var_table, noise, seeds, self.index if noise_step is None else noise_step, DOMAIN_STEP,
+            plan.clamp, len(plan.outputs), shape, outs, self.backend)
         if not advance:
             return results
         if plan.keeps:
