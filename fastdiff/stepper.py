@@ -50,12 +50,8 @@ class Stepper:
         self._x_last: torch.Tensor | None = None
         self._x_last_spare: torch.Tensor | None = None
 
-    def _check(self, plan, x, e, e_uncond, noise, seeds, tables) -> None:
-        """The plan's terms against the arguments, once per plan and kind of call."""
-        key = (id(plan), x is not None, len(e), e_uncond is not None, noise is not None, seeds is not None,
-               tuple(k for k, v in tables.items() if v is not None) if tables else ())
-        if self._checked.get(key) is plan:
-            return
+    def _check(self, key, plan, x, e, e_uncond, noise, seeds, tables) -> None:
+        """The plan's terms against the arguments, once per plan and kind of call (`key`)."""
         t, name = plan.terms, plan.name
         if t.x and x is None:
             raise ValueError(f"x: {name} reads the current sample; pass x")
@@ -115,11 +111,17 @@ class Stepper:
             raise TypeError(f"step() got unexpected arguments {sorted(set(tables) - _TABLES)}; tables are "
                             f"{sorted(_TABLES)}")
         e = e if type(e) is list else list(e) if isinstance(e, tuple) else [e]
-        self._check(plan, x, e, e_uncond, noise, seeds, tables)
+        key = (id(plan), x is not None, len(e), e_uncond is not None, noise is not None, seeds is not None,
+               tuple(k for k, v in tables.items() if v is not None) if tables else ())
+        if self._checked.get(key) is not plan:
+            self._check(key, plan, x, e, e_uncond, noise, seeds, tables)
         ref = x if x is not None else (e[0] if e else noise)
         dtype = ref.dtype if ref is not None else torch.float32
         device = ref.device if ref is not None else seeds.device
-        coef = plan.coef(device, torch.float64 if dtype == torch.float64 else torch.float32)
+        coef_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        coef = plan._device.get((device, coef_dtype))
+        if coef is None:
+            coef = plan.coef(device, coef_dtype)
         if rows is None:
             r = self.index if row is None else row
             if plan.per_sample:

@@ -257,10 +257,10 @@ def test_fast_output_objects_are_diffusers_objects():
     """``output`` builds what DDIMSchedulerOutput(...) builds: same type, items, attributes, tuple."""
     a, b = torch.zeros(1), torch.ones(1)
     for x0 in (b, None):
-        want, got = DDIMSchedulerOutput(prev_sample=a, pred_original_sample=x0), \
-            output(DDIMSchedulerOutput, prev_sample=a, pred_original_sample=x0)
+        want, got = DDIMSchedulerOutput(prev_sample=a, pred_original_sample=x0), output(DDIMSchedulerOutput, a, x0)
         assert type(got) is type(want) and list(got.items()) == list(want.items())
         assert vars(got) == vars(want) and got.to_tuple() == want.to_tuple() and got[0] is a
+    assert vars(output(DDIMSchedulerOutput, a)) == vars(DDIMSchedulerOutput(a))
 
 
 def test_step_index_rows_follow_diffusers_rules():

@@ -125,9 +125,11 @@ class FastDDIMScheduler(FastSchedulerMixin, SchedulerMixin, ConfigMixin):
             dtype = torch.promote_types(model_output.dtype, dtype)
             e, x = model_output.to(dtype), sample.to(dtype)
         row, rows = self._timestep_row(timestep, x.device)
-        noise, seeds = self._noise(eta > 0, model_output, dtype, generator, variance_noise, seeds)
-        plans = self._cached_plans((self.num_inference_steps, eta, use_clipped_model_output), self._step_plans,
-                                   float(eta), bool(use_clipped_model_output))
+        noise, seeds = self._noise(eta > 0, model_output, dtype, generator, variance_noise, seeds) if eta else \
+            (None, None)
+        key, last = (self.num_inference_steps, eta, use_clipped_model_output), self._last_plans
+        plans = last[1] if last is not None and last[0] == key else \
+            self._cached_plans(key, self._step_plans, float(eta), bool(use_clipped_model_output))
         if len(plans) == 1:
             prev, x0 = self._stepper.step(x, e, plan=plans[0], row=row, rows=rows, noise=noise, seeds=seeds)
         else:  # the per-sample quantile splits the step: x0, threshold it, then the update from it
@@ -136,4 +138,4 @@ class FastDDIMScheduler(FastSchedulerMixin, SchedulerMixin, ConfigMixin):
             (prev,) = self._stepper.step(x, e, plan=plans[1], row=row, rows=rows, m=[x0], noise=noise, seeds=seeds)
         if not return_dict:
             return prev, x0
-        return output(DDIMSchedulerOutput, prev_sample=prev, pred_original_sample=x0)
+        return output(DDIMSchedulerOutput, prev, x0)
