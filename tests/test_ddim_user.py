@@ -228,21 +228,6 @@ def test_set_timesteps_forgets_begin_index():
     assert torch.equal(got, want)
 
 
-def test_begin_index_sets_the_noise_counter():
-    """set_begin_index (img2img) restarts the seeds' step counter there: step k draws Philox step k."""
-    x, e = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
-    seeds = sample_seeds(3, 2)
-    ref = DDIMScheduler()
-    ref.set_timesteps(10)
-    fast = FastDDIMScheduler()
-    fast.set_timesteps(10)
-    fast.set_begin_index(5)
-    t = fast.timesteps[5]
-    got = fast.step(e, t, x, eta=1.0, seeds=seeds).prev_sample
-    want = ref.step(e, t, x, eta=1.0, variance_noise=randn(seeds, 48, step=5).reshape(2, 3, 4, 4)).prev_sample
-    assert_close(got, want, atol=1e-6, rtol=1e-6, what="begin_index noise")
-
-
 def test_plans_kept_are_bounded():
     """eta changing every call builds a plan per eta; no more than MAX_PLANS are kept."""
     fast = FastDDIMScheduler()
