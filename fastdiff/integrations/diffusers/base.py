@@ -42,10 +42,13 @@ def output(cls, *values):
     if not issubclass(cls, OrderedDict) or len(values) > len(names):  # a BaseOutput built otherwise
         return cls(*values)
     o = cls.__new__(cls)
-    for name, value in zip(names, values + (None,) * (len(names) - len(values))):
+    fields = o.__dict__
+    for name, value in zip(names, values):
         if value is not None:
             OrderedDict.__setitem__(o, name, value)
-        object.__setattr__(o, name, value)
+        fields[name] = value
+    for name in names[len(values):]:
+        fields[name] = None
     return o
 
 
