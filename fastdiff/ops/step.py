@@ -9,8 +9,6 @@ require grad, run on the torch reference (differentiable; float64 arithmetic for
 
 from __future__ import annotations
 
-import math
-import re
 import weakref
 from collections.abc import Sequence
 from typing import List, Optional
@@ -20,67 +18,10 @@ import torch
 from fastdiff import backends, philox
 from fastdiff import layout as L
 from fastdiff.backends import forced_backend
-from fastdiff.ops.common import (
-    DTYPE_CODE,
-    check_out_aliasing,
-    check_storage_dtype,
-    check_tensor,
-    native_step,
-    needs_reference,
-)
-from fastdiff.plan import check_finite
+from fastdiff.ops.common import DTYPE_CODE, native_step, needs_reference
+from fastdiff.ops.step_args import StepArgs, check_out, validate
 
-OP = "step"
-
-
-class StepArgs:
-    """The validated, contiguous inputs of one step."""
-
-    __slots__ = ("coef", "x", "e", "e_uncond", "m", "x_last", "row", "rows", "offset", "component", "delta_table",
-                 "var_table", "noise", "seeds", "noise_step", "noise_domain", "clamp", "n_out", "shape", "dtype",
-                 "device", "numel")
-
-    def __init__(self, coef, x, e, e_uncond, m, x_last, row, rows, offset, component, delta_table, var_table, noise,
-                 seeds, noise_step, noise_domain, clamp, n_out, shape, dtype, device):
-        self.coef, self.x, self.e, self.e_uncond, self.m, self.x_last = coef, x, e, e_uncond, m, x_last
-        self.row, self.rows, self.offset, self.component = row, rows, offset, component
-        self.delta_table, self.var_table, self.noise, self.seeds = delta_table, var_table, noise, seeds
-        self.noise_step, self.noise_domain, self.clamp, self.n_out = noise_step, noise_domain, clamp, n_out
-        self.shape, self.dtype, self.device = shape, dtype, device
-        self.numel = math.prod(shape[1:])
-
-    @property
-    def batch(self) -> int:
-        return self.shape[0]
-
-    def tensors(self) -> list[torch.Tensor | None]:
-        """Every input of the batch's shape (for aliasing and autograd checks)."""
-        return [self.x, *self.e, *(self.e_uncond or ()), *self.m, self.x_last, self.noise]
-
-
-_CHECKED: dict[int, tuple[weakref.ref, int]] = {}  # id(coef) -> (coef, its _version when found finite)
-
-
-def _check_coef_host(coef: torch.Tensor, row: int, rows: torch.Tensor | None) -> None:
-    """Range of the rows used, and finiteness of a host table, where that costs no device sync. A table
-    is checked again only after it changed (its version counter moved): plans are checked when built."""
-    if rows is None:
-        if not -coef.shape[0] <= row < coef.shape[0]:
-            raise ValueError(f"{OP}: row must be in [-{coef.shape[0]}, {coef.shape[0]}) (rows of coef; "
-                             f"negative rows count from the end), got {row}")
-    elif rows.device.type == "cpu" and rows.numel():
-        if int(rows.min()) < -coef.shape[0] or int(rows.max()) >= coef.shape[0]:
-            raise ValueError(f"{OP}: rows must lie in [-{coef.shape[0]}, {coef.shape[0]}) (rows of coef), "
-                             f"got {rows.tolist()}")
-    if coef.device.type != "cpu":
-        return
-    seen = _CHECKED.get(id(coef))
-    if seen is not None and seen[0]() is coef and seen[1] == coef._version:
-        return
-    check_finite(coef.numpy(), f"{OP}: coef", "row")
-    if len(_CHECKED) > 256:
-        _CHECKED.clear()
-    _CHECKED[id(coef)] = (weakref.ref(coef), coef._version)
+__all__ = ["StepArgs", "native_args", "reference_outputs", "run", "step", "step_positional", "validate"]
 
 
 class _Signature:
@@ -123,7 +64,9 @@ def _make_pack(template: tuple, a: StepArgs):
     return scope["pack"]
 
 
-_SIGNATURES: dict[int, _Signature] = {}  # id(plan table) -> the signature of the last plain call with it
+# (id(plan table), flags) -> the signature of the last plain call of that kind (calls that alternate between
+# kinds - noise given one step, seeds the next - keep one each, instead of re-deriving every call)
+_SIGNATURES: dict[tuple, _Signature] = {}
 
 
 def _plain_inputs(x, e, m, x_last, noise, seeds, grad: bool) -> bool:
@@ -143,7 +86,7 @@ def _plain_inputs(x, e, m, x_last, noise, seeds, grad: bool) -> bool:
 
 def _plain_out(out, n_out: int, x: torch.Tensor, inputs) -> bool:
     """Whether `out` holds n_out contiguous tensors like x, each exactly an input (in place) or apart from
-    every input and from each other. Anything else goes to ``_check_out`` (which names it, or computes
+    every input and from each other. Anything else goes to ``check_out`` (which names it, or computes
     into a contiguous buffer and copies)."""
     if type(out) not in (list, tuple) or len(out) != n_out:
         return False
@@ -173,144 +116,30 @@ def _run_signature(sig: _Signature, x, e, m, x_last, row, noise, seeds, noise_st
     return tuple(out)
 
 
-def validate(
-    coef, x=None, e=(), e_uncond=None, m=(), x_last=None, row=0, rows=None, offset=None, component=None,
-    delta_table=None, var_table=None, noise=None, seeds=None, noise_step=0, noise_domain=0, clamp=False,
-    n_out=1, shape=None, values=True,
-) -> StepArgs:
-    """Check every argument (naming it, with what was expected and what came) and normalise them.
-    ``values=False`` skips the checks that read tensor values (the fake kernel's tracing)."""
-    e, m = list(e), list(m)
-    if len(e) > 2:
-        raise ValueError(f"{OP}: e takes at most 2 model outputs, got {len(e)}")
-    if len(m) > 3:
-        raise ValueError(f"{OP}: m takes at most 3 history slots, got {len(m)}")
-    if e_uncond is not None and len(e_uncond) != len(e):
-        raise ValueError(f"{OP}: e_uncond must pair with e ({len(e)} tensors), got {len(e_uncond)}")
-    if not 1 <= n_out <= L.MAX_OUT:
-        raise ValueError(f"{OP}: n_out must be 1, 2 or 3, got {n_out}")
-    if noise is not None and seeds is not None:
-        raise ValueError(f"{OP}: give noise or seeds, not both")
-    if (delta_table is not None or var_table is not None) and component is None:
-        raise ValueError(f"{OP}: delta_table/var_table need component (the table row k_n of each sample)")
-
-    big = [("x", x), *((f"e[{i}]", t) for i, t in enumerate(e)), *((f"m[{i}]", t) for i, t in enumerate(m)),
-           ("x_last", x_last), ("noise", noise)]
-    if e_uncond is not None:
-        big += [(f"e_uncond[{i}]", t) for i, t in enumerate(e_uncond)]
-    ref_name, ref = next(((n, t) for n, t in big if t is not None), (None, None))
-    if ref is not None:
-        if not isinstance(ref, torch.Tensor):
-            raise TypeError(f"{OP}: {ref_name} must be a torch.Tensor, got {type(ref).__name__}")
-        if shape is not None and tuple(shape) != tuple(ref.shape):
-            raise ValueError(f"{OP}: shape {tuple(shape)} disagrees with {ref_name} {tuple(ref.shape)}")
-        shape, dtype, device = tuple(ref.shape), ref.dtype, ref.device
-    else:
-        if shape is None:
-            raise ValueError(f"{OP}: no tensor input gives the batch shape; pass shape=")
-        shape, dtype = tuple(int(s) for s in shape), torch.float32
-        device = coef.device if isinstance(coef, torch.Tensor) else torch.device("cpu")
-    if len(shape) < 1:
-        raise ValueError(f"{OP}: tensors must have a batch dimension, got shape {shape}")
-    check_storage_dtype(OP, ref_name or "shape", dtype)
-
-    def big_check(name, t):
-        return None if t is None else check_tensor(OP, name, t, shape=shape, dtype=dtype, device=device)
-
-    B = shape[0]
-    coef_dtype = torch.float64 if dtype == torch.float64 and getattr(coef, "dtype", None) == torch.float64 \
-        else torch.float32
-    coef = check_tensor(OP, "coef", coef, dtype=coef_dtype, device=device, dim=2)
-    if coef.shape[1] != L.NUM_COEF or coef.shape[0] == 0:
-        raise ValueError(f"{OP}: coef must have shape [rows >= 1, {L.NUM_COEF}], got {tuple(coef.shape)}")
-    if rows is not None:
-        rows = check_tensor(OP, "rows", rows, dtype=torch.int64, device=device, dim=1)
-        if rows.shape[0] not in (1, B):
-            raise ValueError(f"{OP}: rows must have 1 or {B} (batch) entries, got {rows.shape[0]}")
-    if values:
-        _check_coef_host(coef, row, rows)
-    K = None
-    tables = []
-    for name, t in (("delta_table", delta_table), ("var_table", var_table)):
-        if t is not None:
-            t = check_tensor(OP, name, t, dtype=torch.float32, device=device)
-            if tuple(t.shape[1:]) != shape[1:] and (t.dim() != 2 or t.shape[1] != math.prod(shape[1:])):
-                raise ValueError(f"{OP}: {name} must have shape [K, *{shape[1:]}] or [K, D], got {tuple(t.shape)}")
-            if K is not None and t.shape[0] != K:
-                raise ValueError(f"{OP}: delta_table and var_table must have the same K, got {K} and {t.shape[0]}")
-            K = t.shape[0]
-        tables.append(t)
-    if component is not None:
-        component = check_tensor(OP, "component", component, shape=(B,), dtype=torch.int64, device=device)
-        if (values and K is not None and component.device.type == "cpu" and component.numel()
-                and (int(component.min()) < 0 or int(component.max()) >= K)):
-            raise ValueError(f"{OP}: component must lie in [0, {K}) (rows of the tables), got {component.tolist()}")
-    return StepArgs(
-        coef=coef, x=big_check("x", x), e=[big_check(f"e[{i}]", t) for i, t in enumerate(e)],
-        e_uncond=None if e_uncond is None else [big_check(f"e_uncond[{i}]", t) for i, t in enumerate(e_uncond)],
-        m=[big_check(f"m[{i}]", t) for i, t in enumerate(m)], x_last=big_check("x_last", x_last),
-        row=int(row), rows=rows,
-        offset=None if offset is None else check_tensor(OP, "offset", offset, shape=(B,), dtype=torch.float32,
-                                                        device=device),
-        component=component, delta_table=tables[0], var_table=tables[1], noise=big_check("noise", noise),
-        seeds=None if seeds is None else check_tensor(OP, "seeds", seeds, shape=(B,), dtype=torch.int64,
-                                                      device=device),
-        noise_step=int(noise_step), noise_domain=int(noise_domain), clamp=bool(clamp), n_out=int(n_out),
-        shape=shape, dtype=dtype, device=device,
-    )
-
-
-def _check_out(a: StepArgs, out: Sequence[torch.Tensor], aliasing: bool = True) -> list[torch.Tensor]:
-    if len(out) != a.n_out:
-        raise ValueError(f"{OP}: out must hold n_out={a.n_out} tensors, got {len(out)}")
-    for k, o in enumerate(out):
-        if not isinstance(o, torch.Tensor):
-            raise TypeError(f"{OP}: out[{k}] must be a torch.Tensor, got {type(o).__name__}")
-        if o.shape != a.shape or o.dtype != a.dtype or o.device != a.device:
-            raise ValueError(f"{OP}: out[{k}] must be {tuple(a.shape)} {a.dtype} on {a.device} like x, got "
-                             f"{tuple(o.shape)} {o.dtype} on {o.device}")
-    if aliasing:  # reads addresses: not for fake tensors
-        ins = [("x", a.x), *((f"e[{i}]", t) for i, t in enumerate(a.e)),
-               *((f"e_uncond[{i}]", t) for i, t in enumerate(a.e_uncond or ())),
-               *((f"m[{i}]", t) for i, t in enumerate(a.m)), ("x_last", a.x_last), ("noise", a.noise)]
-        check_out_aliasing(OP, [(f"out[{k}]", o) for k, o in enumerate(out) if o.is_contiguous()], ins)
-    return list(out)
-
-
 # ---------------------------------------------------------------------------------------------- backends
 
-# How each native parameter (fastdiff/layout.py STEP_FIELDS) is read off validated arguments `a` and the
-# outputs `o` (e, eu, m, o padded with None); P(t) is t's address, 0 for None. ``native_args`` is
-# generated from this table in the field order, once, with P inlined: a literal tuple costs ~1 us per
-# step where a dict of 31 names cost ~4.
-_NATIVE_EXPR = {
-    "batch": "a.shape[0]", "numel": "a.numel", "dtype": "DTYPE_CODE[a.dtype]", "x": "P(a.x)",
-    "e0": "P(e[0])", "e1": "P(e[1])", "eu0": "P(eu[0])", "eu1": "P(eu[1])",
-    "m0": "P(m[0])", "m1": "P(m[1])", "m2": "P(m[2])", "x_last": "P(a.x_last)", "offset": "P(a.offset)",
-    "component": "P(a.component)", "delta_table": "P(a.delta_table)", "var_table": "P(a.var_table)",
-    "table_rows": "(a.delta_table if a.delta_table is not None else a.var_table).shape[0] "
-                  "if a.delta_table is not None or a.var_table is not None else 0",
-    "noise": "P(a.noise)", "seeds": "P(a.seeds)", "noise_step": "a.noise_step & 0xFFFFFFFF",
-    "noise_domain": "a.noise_domain & 0xFFFFFFFF", "coef": "P(a.coef)", "coef_rows": "a.coef.shape[0]",
-    "row": "a.row", "rows": "P(a.rows)", "rows_len": "0 if a.rows is None else a.rows.shape[0]",
-    "clamp": "a.clamp", "n_out": "a.n_out", "out0": "P(o[0])", "out1": "P(o[1])", "out2": "P(o[2])",
-}
+def native_args(a: StepArgs, outs) -> tuple:
+    """The native kernels' parameters for validated arguments `a` writing `outs` (None: an address to fill
+    in later), by name, in fastdiff/layout.py's STEP_FIELDS order (``backends.native`` checked that the
+    module reads them in that order)."""
+    def P(t):  # an address, 0 for an absent term
+        return 0 if t is None else t.data_ptr()
+
+    e, eu, m, o = a.e + _NONE3, (a.e_uncond or []) + _NONE3, a.m + _NONE3, list(outs) + _NONE3
+    table = a.delta_table if a.delta_table is not None else a.var_table
+    fields = dict(
+        batch=a.batch, numel=a.numel, dtype=DTYPE_CODE[a.dtype], x=P(a.x), e0=P(e[0]), e1=P(e[1]), eu0=P(eu[0]),
+        eu1=P(eu[1]), m0=P(m[0]), m1=P(m[1]), m2=P(m[2]), x_last=P(a.x_last), offset=P(a.offset),
+        component=P(a.component), delta_table=P(a.delta_table), var_table=P(a.var_table),
+        table_rows=0 if table is None else table.shape[0], noise=P(a.noise), seeds=P(a.seeds),
+        noise_step=a.noise_step & 0xFFFFFFFF, noise_domain=a.noise_domain & 0xFFFFFFFF, coef=P(a.coef),
+        coef_rows=a.coef.shape[0], row=a.row, rows=P(a.rows), rows_len=0 if a.rows is None else a.rows.shape[0],
+        clamp=a.clamp, n_out=a.n_out, out0=P(o[0]), out1=P(o[1]), out2=P(o[2]),
+    )
+    return tuple(fields[f] for f in L.STEP_FIELDS)
+
+
 _NONE3 = [None, None, None]
-
-
-def _make_native_args():
-    body = ",\n        ".join(re.sub(r"P\((.*?)\)", r"(0 if \1 is None else \1.data_ptr())", _NATIVE_EXPR[f])
-                              for f in L.STEP_FIELDS)
-    src = ("def native_args(a, outs):\n"
-           "    e, eu, m, o = a.e + _NONE3, (a.e_uncond or []) + _NONE3, a.m + _NONE3, list(outs) + _NONE3\n"
-           f"    return (\n        {body},\n    )\n")
-    scope = {"DTYPE_CODE": DTYPE_CODE, "_NONE3": _NONE3}
-    exec(compile(src, "<fastdiff native_args>", "exec"), scope)
-    return scope["native_args"]
-
-
-native_args = _make_native_args()
-native_args.__doc__ = "The native kernels' parameters, in fastdiff/layout.py STEP_FIELDS order (by name)."
 
 
 def reference_outputs(a: StepArgs, compute_dtype: torch.dtype | None = None,
@@ -356,14 +185,14 @@ def _execute(a: StepArgs, out: Sequence[torch.Tensor] | None, backend: str | Non
         refs = reference_outputs(a)
         if out is None:
             return tuple(refs)
-        for o, r in zip(_check_out(a, out), refs):
+        for o, r in zip(check_out(a, out), refs):
             o.copy_(r)
         return tuple(out)
     if out is None:
         outs = tuple(torch.empty(a.shape, dtype=a.dtype, device=a.device) for _ in range(a.n_out))
         run(a, outs, backend)
         return outs
-    out = _check_out(a, out)
+    out = check_out(a, out)
     dense = [o if o.is_contiguous() else torch.empty(a.shape, dtype=a.dtype, device=a.device) for o in out]
     run(a, dense, backend)
     for o, d in zip(out, dense):
@@ -421,7 +250,7 @@ def _step_out_fake(coef, x, e, e_uncond, m, x_last, row, rows, offset, component
                    seeds, noise_step, noise_domain, clamp, n_out, shape, backend, out):
     a = _op_validate(coef, x, e, e_uncond, m, x_last, row, rows, offset, component, delta_table, var_table, noise,
                      seeds, noise_step, noise_domain, clamp, n_out, shape, values=False)
-    _check_out(a, out, aliasing=False)
+    check_out(a, out, aliasing=False)
 
 
 # ----------------------------------------------------------------------------------------------- public
@@ -493,7 +322,7 @@ def step_positional(coef, x, e: list, e_uncond, m: list, x_last, row, rows, offs
         grad = torch.is_grad_enabled()
         flags = (len(e), len(m), x_last is not None, noise is not None, seeds is not None, bool(clamp), n_out,
                  backend or forced_backend())
-        sig = _SIGNATURES.get(id(coef))
+        sig = _SIGNATURES.get((id(coef), flags))
         if (sig is not None and sig.pack is not None and type(x) is torch.Tensor and sig.matches(coef, x, row, flags)
                 and _plain_inputs(x, e, m, x_last, noise, seeds, grad)
                 and (out is None or _plain_out(out, n_out, x, (*e, *m, x_last, noise)))):
@@ -514,5 +343,5 @@ def step_positional(coef, x, e: list, e_uncond, m: list, x_last, row, rows, offs
             and _plain_inputs(x, e, m, x_last, noise, seeds, grad)):
         if len(_SIGNATURES) >= 64:
             _SIGNATURES.clear()
-        _SIGNATURES[id(coef)] = _Signature(a, backends.choose(a.device, backend), flags)
+        _SIGNATURES[(id(coef), flags)] = _Signature(a, backends.choose(a.device, backend), flags)
     return result
