@@ -125,7 +125,11 @@ class Stepper:
         if rows is None:
             r = self.index if row is None else row
             if plan.per_sample:
-                rows = torch.arange(r * plan.table.shape[1], (r + 1) * plan.table.shape[1], device=device)
+                B = plan.table.shape[1]
+                if ref is not None and ref.shape[0] != B:
+                    raise ValueError(f"x: {plan.name} has rows for a batch of {B} (per-sample rows), got a batch "
+                                     f"of {ref.shape[0]}")
+                rows = torch.arange(r * B, (r + 1) * B, device=device)
                 r = 0
             elif m is None and plan.terms.n_m:
                 self._check_row(plan, r if r >= 0 else r + plan.steps)

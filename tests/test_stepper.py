@@ -9,6 +9,7 @@ from conftest import DEVICES, assert_close, require_backend
 
 from fastdiff import philox, schedules
 from fastdiff.loop import CapturedSampler, sample
+from fastdiff.plan import Plan
 from fastdiff.samplers import kit
 from fastdiff.samplers.ddim import ddim_plan
 from fastdiff.samplers.kit import E0, M0, M1, X0, X_LAST, X, Z
@@ -169,3 +170,11 @@ def test_captured_sampler_needs_cuda():
     plan, ts = ddim_run(3, 0.0)
     with pytest.raises(ValueError, match="CUDA graphs need a cuda tensor"):
         CapturedSampler(model, plan, ts, torch.zeros(1, 4))
+
+
+def test_per_sample_plans_check_the_batch():
+    table = kit.table(outputs=[X], rows=(2, 3))  # 2 steps, 3 samples
+    stepper = Stepper(Plan(table))
+    with pytest.raises(ValueError, match="rows for a batch of 3 .* got a batch of 2"):
+        stepper.step(torch.zeros(2, 4))
+    assert torch.equal(stepper.step(torch.ones(3, 4))[0], torch.ones(3, 4))
