@@ -1,4 +1,4 @@
-"""Which backends run here, and which one an op uses (DESIGN.md, "Contracts every op keeps").
+"""Which backends run here, and which one an op uses (docs/architecture.md, "Ops").
 
 ``cuda`` and ``cpu`` are the native module ``fastdiff._C``; ``triton`` runs on CUDA tensors, and on CPU
 tensors only under ``TRITON_INTERPRET=1`` (tests); ``torch`` is the reference and always works.

@@ -1,4 +1,4 @@
-"""Noise schedules (DESIGN.md, layer 1): betas, abar, sigmas, timestep grids, log-SNR. Host-side numpy.
+"""Noise schedules (docs/architecture.md, "Layers"): betas, abar, sigmas, timestep grids, log-SNR. Host-side numpy.
 
 Every grid equals diffusers 0.42.1 (``scheduling_ddim.py``, ``scheduling_dpmsolver_multistep.py``) exactly:
 - betas: ``linear`` (Ho et al. 2020), ``scaled_linear`` (latent diffusion, Rombach et al. 2022),

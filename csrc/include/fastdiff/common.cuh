@@ -20,7 +20,7 @@
 namespace fastdiff {
 
 // Storage types. 16-bit floats are carried as their bits so that this header needs no CUDA headers;
-// arithmetic is always in fp32 (DESIGN.md, "Numerics").
+// arithmetic is always in fp32 (docs/architecture.md, "Contracts").
 struct half_t { uint16_t bits; };
 struct bf16_t { uint16_t bits; };
 
