@@ -268,3 +268,25 @@ def test_step_index_rows_follow_diffusers_rules():
     fast.set_timesteps(10)
     fast._host_timesteps = [900, 800, 800, 700]
     assert fast._step_row(800) == 2
+
+
+@pytest.mark.parametrize("device,backend", DEVICES)
+@pytest.mark.parametrize("config", [dict(), dict(thresholding=True, prediction_type="sample")], ids=["clip", "thr"])
+def test_fused_guidance_equals_guidance_done_outside(device, backend, config):
+    """guidance_scale=g with model_output = [uncond; cond] (2B rows) equals diffusers given the combined
+    output uncond + g*(cond - uncond): the pair is mixed inside the step's one pass."""
+    require_backend(backend, device)
+    ref, fast = pair(**config)
+    fast.backend = backend
+    ref.set_timesteps(10)
+    fast.set_timesteps(10, device=device)
+    g = torch.Generator().manual_seed(9)
+    x, u, c, n = (torch.randn(2, 3, 8, 8, generator=g) for _ in range(4))
+    for t in (900, 400):
+        want = ref.step(u + 7.5 * (c - u), t, x, eta=0.5, variance_noise=n)
+        got = fast.step(torch.cat([u, c]).to(device), t, x.to(device), eta=0.5, variance_noise=n.to(device),
+                        guidance_scale=7.5)
+        assert_close(got.prev_sample, want.prev_sample, atol=2e-5, rtol=2e-5, what=f"guided prev t={t}")
+        assert_close(got.pred_original_sample, want.pred_original_sample, atol=2e-5, rtol=2e-5, what="guided x0")
+    with pytest.raises(ValueError, match=r"model_output: with guidance_scale it holds \[uncond; cond\]"):
+        fast.step(c, 400, x, guidance_scale=2.0)

@@ -22,11 +22,12 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # diffusers' DDIM has 
 
 def ddim_step(abar_t, abar_prev, *, eta: float = 0.0, prediction_type: str = "epsilon", clip=None,
               use_clipped_model_output: bool = False, x0_given: bool = False, with_x0: bool = True,
-              row_label: str = "step") -> Plan:
+              guidance=None, row_label: str = "step") -> Plan:
     """The plan of DDIM steps from abar_t to abar_prev (float64 arrays, one entry per row).
 
     clip: clamp x0 to [-clip, clip] (None: no clamp). x0_given: x0 comes in as history slot m0 (dynamic
     thresholding thresholds it between two kernels), and no x0 output. with_x0: output 1 is x0.
+    guidance: classifier-free guidance scale g (the model output is then uncond + g*(cond - uncond)).
     """
     check_prediction_type(prediction_type, PREDICTION_TYPES)
     if eta < 0:
@@ -42,16 +43,16 @@ def ddim_step(abar_t, abar_prev, *, eta: float = 0.0, prediction_type: str = "ep
     x_prev = np.sqrt(abar_prev) * x0 + np.sqrt(np.maximum(1.0 - abar_prev - sigma**2, 0.0)) * eps + sigma * Z
     outputs = {"x": x_prev, **({"x0": X0} if with_x0 and not x0_given else {})}
     return plan(f"ddim(eta={eta}, {prediction_type})", x0=pred.x0, outputs=outputs,
-                clip=None if x0_given else clip, rows=abar_t.shape, row_label=row_label)
+                clip=None if x0_given else clip, guidance=guidance, rows=abar_t.shape, row_label=row_label)
 
 
-def ddim_x0(abar_t, *, prediction_type: str = "epsilon", row_label: str = "step") -> Plan:
+def ddim_x0(abar_t, *, prediction_type: str = "epsilon", guidance=None, row_label: str = "step") -> Plan:
     """Rows that output only the unclamped data prediction x0 (the first kernel of dynamic thresholding)."""
     check_prediction_type(prediction_type, PREDICTION_TYPES)
     abar_t = np.asarray(abar_t, np.float64)
     pred = predict(prediction_type, np.sqrt(abar_t), np.sqrt(1.0 - abar_t))
-    return plan(f"ddim x0 ({prediction_type})", x0=pred.x0, outputs={"x": X0}, rows=abar_t.shape,
-                row_label=row_label)
+    return plan(f"ddim x0 ({prediction_type})", x0=pred.x0, outputs={"x": X0}, guidance=guidance,
+                rows=abar_t.shape, row_label=row_label)
 
 
 def ddim_plan(alphas_cumprod, timesteps, prev_timesteps, *, final_alpha_cumprod: float = 1.0, clip_sample=False,

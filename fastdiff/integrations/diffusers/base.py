@@ -272,6 +272,20 @@ class FastSchedulerMixin:
         """v_t = sqrt(abar_t)*noise - sqrt(1 - abar_t)*sample (Salimans & Ho 2022), one fused pass."""
         return self._forward("velocity", sample, noise, timesteps)
 
+    @staticmethod
+    def _guidance_inputs(model_output: torch.Tensor, sample: torch.Tensor, guidance_scale) -> tuple:
+        """(e, e_uncond) of a step: the model output as it is, or - with fused classifier-free guidance
+        (``guidance_scale`` given) - its halves: ``model_output`` holds ``[uncond; cond]``, 2B rows for a
+        batch of B, combined as ``uncond + g*(cond - uncond)`` inside the step's one pass."""
+        if guidance_scale is None:
+            return model_output, None
+        B = sample.shape[0]
+        if model_output.shape[0] != 2 * B or model_output.shape[1:] != sample.shape[1:]:
+            raise ValueError(f"model_output: with guidance_scale it holds [uncond; cond], shape "
+                             f"{(2 * B, *sample.shape[1:])} for sample {tuple(sample.shape)}, got "
+                             f"{tuple(model_output.shape)}")
+        return model_output[B:], [model_output[:B]]
+
     def _threshold(self, x0: torch.Tensor) -> torch.Tensor:
         return ops.dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
 

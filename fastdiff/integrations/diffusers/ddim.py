@@ -84,24 +84,27 @@ class FastDDIMScheduler(FastSchedulerMixin, SchedulerMixin, ConfigMixin):
             for plan in self._step_plans(0.0, False):
                 plan.coef(getattr(self, "_device", torch.device("cpu")))
 
-    def _step_plans(self, eta: float, use_clipped: bool) -> tuple:
+    def _step_plans(self, eta: float, use_clipped: bool, guidance=None) -> tuple:
         """The plans of one step: (update,), or (x0, update from m0) with dynamic thresholding. One row per
         training timestep t (t -> t - T//N) and a last one for timestep -1 (abar[-1] -> the chain's end)."""
         cfg, N = self.config, self.num_inference_steps
         if not cfg.thresholding:
-            return (self._plan(("ddim", N, eta, use_clipped), lambda: self._ddim(N, eta, use_clipped, False)),)
+            return (self._plan(("ddim", N, eta, use_clipped, guidance),
+                               lambda: self._ddim(N, eta, use_clipped, False, guidance)),)
         t = np.arange(cfg.num_train_timesteps + 1) % cfg.num_train_timesteps  # [0, ..., T-1, T-1]
-        return (self._plan(("ddim x0",), lambda: ddim_x0(self._abar[t], prediction_type=cfg.prediction_type,
-                                                         row_label="timestep")),
-                self._plan(("ddim from m0", N, eta, use_clipped), lambda: self._ddim(N, eta, use_clipped, True)))
+        return (self._plan(("ddim x0", guidance), lambda: ddim_x0(self._abar[t], prediction_type=cfg.prediction_type,
+                                                                  guidance=guidance, row_label="timestep")),
+                self._plan(("ddim from m0", N, eta, use_clipped),
+                           lambda: self._ddim(N, eta, use_clipped, True, None)))
 
-    def _ddim(self, N: int, eta: float, use_clipped: bool, x0_given: bool):
+    def _ddim(self, N: int, eta: float, use_clipped: bool, x0_given: bool, guidance):
         cfg, T = self.config, self.config.num_train_timesteps
         t = np.arange(T)
         return ddim_plan(self._abar, np.append(t, T - 1), np.append(t - T // N, -1),
                          final_alpha_cumprod=float(self.final_alpha_cumprod), eta=eta, clip_sample=cfg.clip_sample,
                          clip_sample_range=cfg.clip_sample_range, prediction_type=cfg.prediction_type,
-                         use_clipped_model_output=use_clipped, x0_given=x0_given, row_label="timestep")
+                         use_clipped_model_output=use_clipped, x0_given=x0_given, guidance=guidance,
+                         row_label="timestep")
 
     def step(
         self,
@@ -114,27 +117,36 @@ class FastDDIMScheduler(FastSchedulerMixin, SchedulerMixin, ConfigMixin):
         variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
         seeds: int | torch.Tensor | None = None,
+        guidance_scale: float | None = None,
     ) -> DDIMSchedulerOutput | tuple:
-        """One DDIM step from ``timestep`` to ``timestep - T // num_inference_steps``; see DDIMScheduler."""
+        """One DDIM step from ``timestep`` to ``timestep - T // num_inference_steps``; see DDIMScheduler.
+        fastdiff's own arguments: ``seeds`` (in-kernel noise), ``guidance_scale`` (fused classifier-free
+        guidance: ``model_output`` holds ``[uncond; cond]``, 2B rows)."""
         if self.num_inference_steps is None:
             raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after "
                              "creating the scheduler")
         self._check_fresh()
+        model_output, e_uncond = self._guidance_inputs(model_output, sample, guidance_scale)
         dtype, e, x = sample.dtype, model_output, sample
         if model_output.dtype != dtype:  # diffusers computes in the promoted dtype
             dtype = torch.promote_types(model_output.dtype, dtype)
             e, x = model_output.to(dtype), sample.to(dtype)
+            e_uncond = None if e_uncond is None else [e_uncond[0].to(dtype)]
         row, rows = self._timestep_row(timestep, x.device)
         noise, seeds = self._noise(eta > 0, model_output, dtype, generator, variance_noise, seeds) if eta else \
             (None, None)
-        key, last = (self.num_inference_steps, eta, use_clipped_model_output), self._last_plans
-        plans = last[1] if last is not None and last[0] == key else \
-            self._cached_plans(key, self._step_plans, float(eta), bool(use_clipped_model_output))
+        key, last = (self.num_inference_steps, eta, use_clipped_model_output, guidance_scale), self._last_plans
+        plans = last[1] if last is not None and last[0] == key else self._cached_plans(
+            key, self._step_plans, float(eta), bool(use_clipped_model_output),
+            None if guidance_scale is None else float(guidance_scale))
         if len(plans) == 1:
-            prev, x0 = self._stepper.step(x, e, plan=plans[0], row=row, rows=rows, noise=noise, seeds=seeds)
+            prev, x0 = self._stepper.step(x, e, e_uncond=e_uncond, plan=plans[0], row=row, rows=rows, noise=noise,
+                                          seeds=seeds)
         else:  # the per-sample quantile splits the step: x0, threshold it, then the update from it
-            (x0,) = self._stepper.step(x, e, plan=plans[0], row=row, rows=rows, advance=False)
+            (x0,) = self._stepper.step(x, e, e_uncond=e_uncond, plan=plans[0], row=row, rows=rows, advance=False)
             x0 = self._threshold(x0)
+            if e_uncond is not None:  # the update reads eps, which guidance mixes: mix it once, outside
+                e, e_uncond = e_uncond[0] + guidance_scale * (e - e_uncond[0]), None
             (prev,) = self._stepper.step(x, e, plan=plans[1], row=row, rows=rows, m=[x0], noise=noise, seeds=seeds)
         if not return_dict:
             return prev, x0
