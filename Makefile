@@ -40,8 +40,13 @@ $(VENV)/.demo: $(VENV)/.tools $(NATIVE)
 	$(PY) -m pip install -q --no-build-isolation -e ".[demo]"
 	touch $@
 
+# k-diffusion is the oracle of the k-diffusion API: installed without its dependencies (they pull
+# torchvision and a CUDA torch); fastdiff/kdiffusion_oracle.py loads k_diffusion.sampling alone.
+KDIFFUSION := k-diffusion==0.1.1.post1 torchsde==0.2.6 torchdiffeq==0.2.5 trampoline==0.1.2
+
 $(VENV)/.test: $(VENV)/.tools $(NATIVE)
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(PY) -m pip install -q --no-deps $(KDIFFUSION)
 	touch $@
 
 clean:

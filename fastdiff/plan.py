@@ -134,6 +134,7 @@ class Plan:
         self.per_sample = table.ndim == 3  # rows differ per sample: [rows, B, NUM_COEF]
         self.terms = terms_of(table, len(self.outputs), self.clamp, self.guided)
         self.history_reads = history_reads(table, len(self.outputs))
+        self.noise_rows = _reads(table, len(self.outputs), L.CZ)  # per row: whether it draws noise
 
     @property
     def steps(self) -> int:

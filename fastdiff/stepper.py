@@ -10,10 +10,9 @@ what a run carries from step to step, without copies:
   write), nothing is copied;
 - **x_last**: an output with role "x_last" becomes the next step's x_last (two buffers, alternating).
 
-It checks the plan's terms against the arguments once per kind of call (a plan that draws noise run
-without noise or seeds is an error, not a silent deterministic step), and each row against the history
-that exists (a row that reads slot m1 right after ``reset`` is an error: its warm-up rows were built
-for another start).
+It checks the plan's terms against the arguments once per kind of call, and each row against what it
+reads: a row that draws noise run without noise or seeds is an error, not a silent deterministic step;
+a row that reads slot m1 right after ``reset`` is an error (its warm-up rows were built for another start).
 """
 
 from __future__ import annotations
@@ -60,8 +59,6 @@ class Stepper:
         if t.guided != (e_uncond is not None):
             raise ValueError(f"e_uncond: {name} " + ("is guided; pass the unconditional outputs" if t.guided else
                                                      "has no guidance scale; build it with guidance= to pass them"))
-        if t.noise and noise is None and seeds is None:
-            raise ValueError(f"noise: {name} draws noise; pass noise (a tensor like x) or seeds ([B] int64)")
         for term, args in (("offset", ("offset",)), ("delta", ("delta_table", "component")),
                            ("var", ("var_table", "component"))):
             missing = [a for a in args if tables.get(a) is None]
@@ -124,6 +121,9 @@ class Stepper:
             coef = plan.coef(device, coef_dtype)
         if rows is None:
             r = self.index if row is None else row
+            if not -plan.steps <= r < plan.steps:
+                raise ValueError(f"{plan.name}: {plan.row_label} {r} is past the end of the plan ({plan.steps} "
+                                 f"{plan.row_label}s{', from the step index' if row is None else ''})")
             if plan.per_sample:
                 B = plan.table.shape[1]
                 if ref is not None and ref.shape[0] != B:
@@ -135,6 +135,9 @@ class Stepper:
                 self._check_row(plan, r if r >= 0 else r + plan.steps)
         else:
             r = 0
+        if plan.terms.noise and noise is None and seeds is None and (rows is not None or plan.noise_rows[r]):
+            raise ValueError(f"noise: {plan.name} draws noise" + ("" if rows is not None else f" at {plan.row_label} "
+                             f"{r}") + "; pass noise (a tensor like x) or seeds ([B] int64)")
         outs = None
         if out is not None or plan.keeps:
             like = ref if ref is not None else torch.empty(shape, dtype=dtype, device=device)

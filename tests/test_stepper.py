@@ -63,7 +63,7 @@ def test_x_last_output_feeds_the_next_step():
 
 def test_plan_terms_are_checked_against_the_arguments():
     noisy = kit.plan("noisy", outputs={"x": X + 0.3 * Z})
-    with pytest.raises(ValueError, match="noise: noisy draws noise; pass noise"):
+    with pytest.raises(ValueError, match="noise: noisy draws noise at step 0; pass noise"):
         Stepper(noisy).step(torch.zeros(2, 3))
     two = kit.plan("two outputs", x0=E0 + kit.E1, outputs={"x": X0})
     with pytest.raises(ValueError, match=r"e: two outputs reads 2 model output\(s\) per step, got 1"):
@@ -178,3 +178,19 @@ def test_per_sample_plans_check_the_batch():
     with pytest.raises(ValueError, match="rows for a batch of 3 .* got a batch of 2"):
         stepper.step(torch.zeros(2, 4))
     assert torch.equal(stepper.step(torch.ones(3, 4))[0], torch.ones(3, 4))
+
+
+def test_rows_past_the_end_and_rows_without_noise():
+    """A step past the end of the plan is an error naming it; a plan whose last row draws no noise runs
+    that row without noise (the check is per row)."""
+    s = np.arange(3)
+    plan = kit.plan("noisy but the last", outputs={"x": X + np.where(s < 2, 0.5, 0.0) * Z})
+    stepper, x = Stepper(plan), torch.zeros(1, 4)
+    noise = torch.ones(1, 4)
+    stepper.step(x, noise=noise)
+    with pytest.raises(ValueError, match="draws noise at step 1; pass noise"):
+        stepper.step(x)
+    stepper.step(x, noise=noise)
+    assert torch.equal(stepper.step(x)[0], x)  # row 2: no noise needed
+    with pytest.raises(ValueError, match="step 3 is past the end of the plan \\(3 steps, from the step index\\)"):
+        stepper.step(x)
