@@ -136,3 +136,28 @@ def test_bad_input():
         fd.sample_dpmpp_2m(denoiser, x, torch.tensor([1.0, -1.0, 0.0]), disable=True)
     with pytest.raises(ValueError, match="solver_type: expected 'midpoint' or 'heun'"):
         fd.sample_dpmpp_2m_sde(denoiser, x, grid(3), disable=True, solver_type="rk4")
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_3m_sde", "dpmpp_sde"])
+def test_fused_guidance_equals_guidance_in_the_denoiser(name):
+    """guidance_scale=g: one model call on [x; x] returning [uncond; cond], mixed in the step, equals
+    k-diffusion with a denoiser that mixes them itself (a CFGDenoiser)."""
+    ours, theirs, kw = SAMPLERS[name]
+    sigmas = grid()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 4, 4, generator=g) * 14.6
+    noises = [torch.randn(2, 3, 4, 4, generator=g) for _ in range(32)]
+
+    def pair(x, sigma):  # [uncond; cond] for a batch stacked as [x; x]
+        B = x.shape[0] // 2
+        return torch.cat([denoiser(x[:B], sigma[:B]), denoiser(x[B:] * 0.9, sigma[B:]) + 0.1])
+
+    def cfg(x, sigma):
+        out = pair(torch.cat([x, x]), torch.cat([sigma, sigma]))
+        return out[:2] + 5.0 * (out[2:] - out[:2])
+
+    noise = {"noise_sampler": Recorded(noises)} if "sde" in name else {}
+    want = getattr(k_sampling(), theirs)(cfg, x, sigmas, disable=True, **noise, **kw)
+    noise = {"noise_sampler": Recorded(noises)} if "sde" in name else {}
+    got = ours(pair, x, sigmas, disable=True, guidance_scale=5.0, **noise, **kw)
+    assert_close(got, want, atol=5e-5, rtol=5e-5, what=f"{name} guided")

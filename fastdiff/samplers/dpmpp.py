@@ -12,7 +12,8 @@ is the data prediction itself (``x0 = E0``). With ``t = -log sigma`` and ``h = t
 
 and a step to sigma = 0 returns the denoised output (the limit h -> inf, taken here). ``D`` is this step's
 denoised output, the history slots hold the previous ones (role "history"). Each builder returns the
-plan and, per row, the step it belongs to and whether it draws noise.
+plan and, per row, the step it belongs to and whether it draws noise. ``guidance=g``: the model outputs
+come as (uncond, cond) pairs, combined as uncond + g*(cond - uncond) in the step.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _prev(a, steps_back: int, fill=np.nan):
     return np.concatenate([np.full(steps_back, fill), a[:-steps_back]]) if steps_back else a
 
 
-def dpmpp_2m(sigmas) -> tuple[Plan, list, list]:
+def dpmpp_2m(sigmas, guidance=None) -> tuple[Plan, list, list]:
     """DPM-Solver++(2M): k-diffusion's ``sample_dpmpp_2m``."""
     s, s_next, h, last = _grid(sigmas)
     use = (np.arange(len(s)) > 0) & ~last  # the previous denoised output exists and the step is not the last
@@ -50,10 +51,10 @@ def dpmpp_2m(sigmas) -> tuple[Plan, list, list]:
     c = np.where(use, 1.0 / (2 * r), 0.0)
     x_next = ratio * X - phi * (X0 + c * (X0 - M0))
     steps = list(range(len(s)))
-    return plan("dpmpp_2m", x0=E0, outputs={"x": x_next, "history": X0}), steps, [False] * len(s)
+    return plan("dpmpp_2m", x0=E0, outputs={"x": x_next, "history": X0}, guidance=guidance), steps, [False] * len(s)
 
 
-def dpmpp_2m_sde(sigmas, eta: float = 1.0, s_noise: float = 1.0, solver_type: str = "midpoint"):
+def dpmpp_2m_sde(sigmas, eta: float = 1.0, s_noise: float = 1.0, solver_type: str = "midpoint", guidance=None):
     """DPM-Solver++(2M) SDE: k-diffusion's ``sample_dpmpp_2m_sde`` (``solver_type`` midpoint or heun)."""
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type: expected 'midpoint' or 'heun', got {solver_type!r}")
@@ -69,11 +70,11 @@ def dpmpp_2m_sde(sigmas, eta: float = 1.0, s_noise: float = 1.0, solver_type: st
     a = np.where(last, 0.0, s_next / s * np.exp(-eta_h))
     x_next = a * X + np.where(last, 1.0, b) * X0 + np.where(use, c, 0.0) * (X0 - M0) + np.where(last, 0.0, noise) * Z
     name = f"dpmpp_2m_sde(eta={eta}, {solver_type})"
-    return (plan(name, x0=E0, outputs={"x": x_next, "history": X0}), list(range(len(s))),
+    return (plan(name, x0=E0, outputs={"x": x_next, "history": X0}, guidance=guidance), list(range(len(s))),
             [bool(eta) and not lst for lst in last])
 
 
-def dpmpp_3m_sde(sigmas, eta: float = 1.0, s_noise: float = 1.0):
+def dpmpp_3m_sde(sigmas, eta: float = 1.0, s_noise: float = 1.0, guidance=None):
     """DPM-Solver++(3M) SDE: k-diffusion's ``sample_dpmpp_3m_sde``."""
     s, s_next, h, last = _grid(sigmas)
     i = np.arange(len(s))
@@ -93,7 +94,7 @@ def dpmpp_3m_sde(sigmas, eta: float = 1.0, s_noise: float = 1.0):
               + np.where(two, phi2, 0.0) * d1 - np.where(two, phi3, 0.0) * d2
               + np.where(one, phi2, 0.0) * d1_0 + np.where(last, 0.0, noise) * Z)
     name = f"dpmpp_3m_sde(eta={eta})"
-    return (plan(name, x0=E0, outputs={"x": x_next, "history": X0}), list(range(len(s))),
+    return (plan(name, x0=E0, outputs={"x": x_next, "history": X0}, guidance=guidance), list(range(len(s))),
             [bool(eta) and not lst for lst in last])
 
 
@@ -106,7 +107,7 @@ def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tupl
     return (sigma_to**2 - up**2) ** 0.5, up
 
 
-def dpmpp_sde(sigmas, eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5):
+def dpmpp_sde(sigmas, eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5, guidance=None):
     """DPM-Solver++ (stochastic, two model calls a step): k-diffusion's ``sample_dpmpp_sde``. Two rows per
     step: the first goes to the intermediate point s = t + r*h and keeps the step's start (x_last) and
     its denoised output (history); the second updates from them with the intermediate point's output. A
@@ -127,5 +128,5 @@ def dpmpp_sde(sigmas, eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5):
         steps += [i, i]
     a, xl, m0, x0, z = (np.array(v) for v in (a, xl, m0, x0, z))
     x_next = a * X + xl * X_LAST + m0 * M0 + x0 * X0 + z * Z
-    return (plan(f"dpmpp_sde(eta={eta}, r={r})", x0=E0, outputs={"x": x_next, "history": X0, "x_last": X}),
-            steps, [bool(eta) and not last[i] for i in steps])
+    return (plan(f"dpmpp_sde(eta={eta}, r={r})", x0=E0, outputs={"x": x_next, "history": X0, "x_last": X},
+                 guidance=guidance), steps, [bool(eta) and not last[i] for i in steps])
