@@ -133,8 +133,9 @@ class Plan:
         self.table = table
         self.per_sample = table.ndim == 3  # rows differ per sample: [rows, B, NUM_COEF]
         self.terms = terms_of(table, len(self.outputs), self.clamp, self.guided)
-        self.history_reads = history_reads(table, len(self.outputs))
-        self.noise_rows = _reads(table, len(self.outputs), L.CZ)  # per row: whether it draws noise
+        # per row (Python ints and bools: the stepper reads them every step, torch.compile traces them as constants)
+        self.history_reads = tuple(int(n) for n in history_reads(table, len(self.outputs)))
+        self.noise_rows = tuple(bool(b) for b in _reads(table, len(self.outputs), L.CZ))  # whether it draws noise
 
     @property
     def steps(self) -> int:

@@ -69,7 +69,7 @@ class Stepper:
         self._checked[key] = plan  # the plan is kept alive with its key, so its id is not reused
 
     def _check_row(self, plan: Plan, r: int) -> None:
-        need = int(plan.history_reads[r])
+        need = plan.history_reads[r]
         if need > len(self._history):
             raise ValueError(f"{plan.name}: {plan.row_label} {r} reads {need} history slot(s) but "
                              f"{len(self._history)} exist(s) ({self.index - len(self._history)} is where the run "

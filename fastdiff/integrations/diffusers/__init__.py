@@ -8,5 +8,6 @@ All of them stand on ``base.FastSchedulerMixin`` (noise, seeds, begin_index, pla
 
 from fastdiff.integrations.diffusers.base import FastSchedulerMixin
 from fastdiff.integrations.diffusers.ddim import FastDDIMScheduler
+from fastdiff.integrations.diffusers.unipc import FastUniPCMultistepScheduler
 
-__all__ = ["FastDDIMScheduler", "FastSchedulerMixin"]
+__all__ = ["FastDDIMScheduler", "FastSchedulerMixin", "FastUniPCMultistepScheduler"]
