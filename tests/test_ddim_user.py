@@ -290,3 +290,16 @@ def test_fused_guidance_equals_guidance_done_outside(device, backend, config):
         assert_close(got.pred_original_sample, want.pred_original_sample, atol=2e-5, rtol=2e-5, what="guided x0")
     with pytest.raises(ValueError, match=r"model_output: with guidance_scale it holds \[uncond; cond\]"):
         fast.step(c, 400, x, guidance_scale=2.0)
+
+
+def test_thresholding_at_timestep_minus_one():
+    """Trailing spacing with 61 steps ends at timestep -1 (alphas_cumprod[-1]): dynamic thresholding's x0
+    there too comes from abar[-1], as in diffusers (the x0 table's last row once took abar[0])."""
+    config = dict(timestep_spacing="trailing", thresholding=True, dynamic_thresholding_ratio=0.9)
+    ref, fast = pair(**config)
+    for s in (ref, fast):
+        s.set_timesteps(61)
+    x, e = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(2)), torch.randn(2, 3, 4, 4)
+    want, got = ref.step(e, -1, x), fast.step(e, -1, x)
+    assert_close(got.pred_original_sample, want.pred_original_sample, atol=1e-6, rtol=1e-6, what="x0 at -1")
+    assert_close(got.prev_sample, want.prev_sample, atol=1e-6, rtol=1e-6, what="prev at -1")

@@ -60,7 +60,10 @@ _FIELDS: dict[type, tuple[str, ...]] = {}
 def watched(name: str, doc: str = "") -> property:
     """A public attribute that plans are built from: assigning it makes them be rebuilt."""
     def get(self):
-        return self.__dict__[name]
+        try:
+            return self.__dict__[name]
+        except KeyError:  # not set (yet): hasattr() says False, as for any attribute
+            raise AttributeError(name) from None
 
     def set(self, value):
         self.__dict__[name] = value
@@ -131,7 +134,8 @@ class FastSchedulerMixin:
         if self._built is None or state[0] != self._built[0] or state[2] != self._built[2]:
             self._plans.clear()
             self._last_plans = None
-            self._abar = self.alphas_cumprod.detach().double().cpu().numpy()
+            if "alphas_cumprod" in self._tensor_sources:  # (flow-matching schedulers have none)
+                self._abar = self.alphas_cumprod.detach().double().cpu().numpy()
             self._built = state
         self._prepare()
 
@@ -213,7 +217,8 @@ class FastSchedulerMixin:
         if not self._started:
             self._started = True
             grid = self._host_timesteps
-            if grid is not None and not (isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu"):
+            if grid is not None and not torch.compiler.is_compiling() and not (
+                    isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu"):
                 t = int(timestep)
                 where = [i for i, v in enumerate(grid) if v == t]
                 self._stepper.reset(where[1] if len(where) > 1 else where[0] if where else len(grid) - 1)

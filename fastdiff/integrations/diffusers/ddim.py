@@ -91,7 +91,7 @@ class FastDDIMScheduler(FastSchedulerMixin, SchedulerMixin, ConfigMixin):
         if not cfg.thresholding:
             return (self._plan(("ddim", N, eta, use_clipped, guidance),
                                lambda: self._ddim(N, eta, use_clipped, False, guidance)),)
-        t = np.arange(cfg.num_train_timesteps + 1) % cfg.num_train_timesteps  # [0, ..., T-1, T-1]
+        t = np.append(np.arange(cfg.num_train_timesteps), cfg.num_train_timesteps - 1)  # [0, ..., T-1, T-1]
         return (self._plan(("ddim x0", guidance), lambda: ddim_x0(self._abar[t], prediction_type=cfg.prediction_type,
                                                                   guidance=guidance, row_label="timestep")),
                 self._plan(("ddim from m0", N, eta, use_clipped),
