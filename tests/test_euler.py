@@ -23,11 +23,11 @@ from diffusers import (
 from diffusers.utils import logging
 
 from fastdiff import schedules
-from fastdiff.integrations.diffusers import base
-from fastdiff.integrations.diffusers.euler import (
+from fastdiff.integrations.diffusers import (
     FastEulerAncestralDiscreteScheduler,
     FastEulerDiscreteScheduler,
     FastHeunDiscreteScheduler,
+    base,
 )
 from fastdiff.oracle import default_mixture, ode_solution
 from fastdiff.philox import randn, sample_seeds

@@ -9,12 +9,10 @@ All of them stand on ``base.FastSchedulerMixin`` (noise, seeds, begin_index, pla
 from fastdiff.integrations.diffusers.base import FastSchedulerMixin
 from fastdiff.integrations.diffusers.ddim import FastDDIMScheduler
 from fastdiff.integrations.diffusers.ddpm import FastDDPMScheduler
-from fastdiff.integrations.diffusers.euler import (
-    FastEulerAncestralDiscreteScheduler,
-    FastEulerDiscreteScheduler,
-    FastHeunDiscreteScheduler,
-)
+from fastdiff.integrations.diffusers.euler import FastEulerDiscreteScheduler
+from fastdiff.integrations.diffusers.euler_ancestral import FastEulerAncestralDiscreteScheduler
 from fastdiff.integrations.diffusers.flow import FastFlowMatchEulerDiscreteScheduler
+from fastdiff.integrations.diffusers.heun import FastHeunDiscreteScheduler
 from fastdiff.integrations.diffusers.lcm import FastLCMScheduler
 from fastdiff.integrations.diffusers.unipc import FastUniPCMultistepScheduler
 
