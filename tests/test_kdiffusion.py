@@ -15,6 +15,13 @@ from fastdiff.integrations import kdiffusion as fd
 from fastdiff.kdiffusion_oracle import sampling
 
 SAMPLERS = {  # name: (fastdiff function, k-diffusion name, keyword arguments)
+    "euler": (fd.sample_euler, "sample_euler", {}),
+    "euler_churn": (fd.sample_euler, "sample_euler", {"s_churn": 3.0, "s_tmin": 0.05, "s_tmax": 10.0}),
+    "euler_churn_all": (fd.sample_euler, "sample_euler", {"s_churn": 80.0, "s_noise": 1.003}),
+    "euler_ancestral": (fd.sample_euler_ancestral, "sample_euler_ancestral", {}),
+    "euler_ancestral_eta": (fd.sample_euler_ancestral, "sample_euler_ancestral", {"eta": 0.5, "s_noise": 0.9}),
+    "heun": (fd.sample_heun, "sample_heun", {}),
+    "heun_churn": (fd.sample_heun, "sample_heun", {"s_churn": 3.0, "s_tmin": 0.05, "s_tmax": 10.0}),
     "dpmpp_2m": (fd.sample_dpmpp_2m, "sample_dpmpp_2m", {}),
     "dpmpp_2m_sde": (fd.sample_dpmpp_2m_sde, "sample_dpmpp_2m_sde", {"eta": 0.8, "s_noise": 0.9}),
     "dpmpp_2m_sde_heun": (fd.sample_dpmpp_2m_sde, "sample_dpmpp_2m_sde", {"solver_type": "heun"}),
@@ -24,6 +31,12 @@ SAMPLERS = {  # name: (fastdiff function, k-diffusion name, keyword arguments)
     "dpmpp_sde": (fd.sample_dpmpp_sde, "sample_dpmpp_sde", {"eta": 1.0, "s_noise": 1.1}),
     "dpmpp_sde_r": (fd.sample_dpmpp_sde, "sample_dpmpp_sde", {"eta": 0.5, "r": 0.3}),
 }
+
+
+def noise_args(name, noises):
+    """The SDE and ancestral samplers take a noise sampler; Euler's and Heun's churn draws torch.randn_like."""
+    torch.manual_seed(5)
+    return {"noise_sampler": Recorded(noises)} if "sde" in name or "ancestral" in name else {}
 
 
 def k_sampling():
@@ -64,17 +77,15 @@ def test_equal_to_k_diffusion_for_the_same_noise(name, dtype):
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64) * 14.6).to(dtype)
     noises = [torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64).to(dtype) for _ in range(32)]
-    noise = {"noise_sampler": Recorded(noises)} if "sde" in name else {}
-    want = sampler(denoiser, x, sigmas, disable=True, **noise, **kw)
-    noise = {"noise_sampler": Recorded(noises)} if "sde" in name else {}
-    got = ours(denoiser, x, sigmas, disable=True, **noise, **kw)
+    want = sampler(denoiser, x, sigmas, disable=True, **noise_args(name, noises), **kw)
+    got = ours(denoiser, x, sigmas, disable=True, **noise_args(name, noises), **kw)
     tol = 2e-5 if dtype == torch.float32 else 1e-9
     assert got.dtype == dtype
     assert_close(got, want, atol=tol, rtol=tol, what=f"{name} {dtype}")
 
 
 @pytest.mark.parametrize("device,backend", DEVICES)
-@pytest.mark.parametrize("name", ["dpmpp_2m_sde", "dpmpp_sde"])
+@pytest.mark.parametrize("name", ["dpmpp_2m_sde", "dpmpp_sde", "euler_ancestral"])
 def test_seeds_draw_the_philox_noise(device, backend, name):
     """With seeds the noise is drawn in the kernel: row k of the plan draws Philox step k; k-diffusion given
     that same noise agrees."""
@@ -97,7 +108,8 @@ def test_seeds_draw_the_philox_noise(device, backend, name):
     assert_close(got, want, atol=3e-5, rtol=3e-5, what=f"{name} seeds")
 
 
-def test_dpmpp_2m_is_second_order_on_the_exact_model():
+@pytest.mark.parametrize("name", ["dpmpp_2m", "heun"])
+def test_second_order_on_the_exact_model(name):
     """Error against the exact probability-flow solution (to sigma_min, where the grid ends without the
     final jump to 0) falls ~4x when the steps double: the slope of log error vs log steps over 8 -> 32
     steps is above 1.7 (second order)."""
@@ -113,7 +125,7 @@ def test_dpmpp_2m_is_second_order_on_the_exact_model():
     errs = []
     for n in (8, 16, 32):
         sigmas = torch.tensor(schedules.karras_sigmas(sigma_min, sigma_max, n + 1), dtype=torch.float64)
-        errs.append(float((fd.sample_dpmpp_2m(model, x_T, sigmas, disable=True) - exact).abs().max()))
+        errs.append(float((SAMPLERS[name][0](model, x_T, sigmas, disable=True) - exact).abs().max()))
     slope = -np.polyfit(np.log([8, 16, 32]), np.log(errs), 1)[0]
     assert slope > 1.7, f"errors {errs}: slope {slope:.2f}"
 
@@ -128,6 +140,23 @@ def test_callback_and_progress_bar(capsys):
     assert "4/4" in capsys.readouterr().err
 
 
+def test_heun_calls_the_model_twice_a_step_and_reports_sigma_hat():
+    """Heun: 2 calls a step, 1 into sigma = 0; the callback once a step with k-diffusion's sigma_hat."""
+    sigmas = grid(4)
+    calls, seen = [], []
+
+    def model(x, sigma):
+        calls.append(float(sigma[0]))
+        return denoiser(x, sigma)
+
+    fd.sample_heun(model, torch.randn(1, 2, 4, 4) * 14.6, sigmas, disable=True, s_churn=1.0,
+                   callback=lambda d: seen.append((d["i"], float(d["sigma_hat"]))))
+    gamma = min(1.0 / 4, 2**0.5 - 1)
+    hats = [float(s) * (1 + gamma) for s in sigmas[:-1]]
+    assert calls == pytest.approx([hats[0], sigmas[1], hats[1], sigmas[2], hats[2], sigmas[3], hats[3]], rel=1e-6)
+    assert seen == [(i, pytest.approx(h, rel=1e-6)) for i, h in enumerate(hats)]
+
+
 def test_bad_input():
     x = torch.zeros(1, 4)
     with pytest.raises(ValueError, match="sigmas: expected a 1-D tensor"):
@@ -138,7 +167,7 @@ def test_bad_input():
         fd.sample_dpmpp_2m_sde(denoiser, x, grid(3), disable=True, solver_type="rk4")
 
 
-@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_3m_sde", "dpmpp_sde"])
+@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_3m_sde", "dpmpp_sde", "euler_ancestral", "heun_churn"])
 def test_fused_guidance_equals_guidance_in_the_denoiser(name):
     """guidance_scale=g: one model call on [x; x] returning [uncond; cond], mixed in the step, equals
     k-diffusion with a denoiser that mixes them itself (a CFGDenoiser)."""
@@ -156,8 +185,6 @@ def test_fused_guidance_equals_guidance_in_the_denoiser(name):
         out = pair(torch.cat([x, x]), torch.cat([sigma, sigma]))
         return out[:2] + 5.0 * (out[2:] - out[:2])
 
-    noise = {"noise_sampler": Recorded(noises)} if "sde" in name else {}
-    want = getattr(k_sampling(), theirs)(cfg, x, sigmas, disable=True, **noise, **kw)
-    noise = {"noise_sampler": Recorded(noises)} if "sde" in name else {}
-    got = ours(pair, x, sigmas, disable=True, guidance_scale=5.0, **noise, **kw)
+    want = getattr(k_sampling(), theirs)(cfg, x, sigmas, disable=True, **noise_args(name, noises), **kw)
+    got = ours(pair, x, sigmas, disable=True, guidance_scale=5.0, **noise_args(name, noises), **kw)
     assert_close(got, want, atol=5e-5, rtol=5e-5, what=f"{name} guided")

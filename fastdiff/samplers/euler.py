@@ -155,12 +155,13 @@ def heun_first(sigma, sigma_next, *, prediction_type: str = "epsilon", clip=None
                 guidance=guidance, rows=sigma.shape, row_label=row_label)
 
 
-def heun_second(sigma, sigma_next, *, prediction_type: str = "epsilon", clip=None, guidance=None,
+def heun_second(sigma, sigma_next, *, lift_next=0.0, prediction_type: str = "epsilon", clip=None, guidance=None,
                 row_label: str = "step") -> Plan:
     """Rows of Heun's second call, at x = x_2 and sigma_next > 0: outputs x_next, x0_2 (clamped as the
-    first's). Reads m0 = the first call's x0 and m1 = ``X_START``, the first call's input sample."""
+    first's). Reads m0 = the first call's x0 and m1 = ``X_START``, the first call's input sample.
+    lift_next: std of the noise added to x_next (the next step's churn, Karras' placement, as in Euler)."""
     check_prediction_type(prediction_type, PREDICTION_TYPES)
-    sigma, sigma_next = _f64(sigma, sigma_next)
+    sigma, sigma_next, lift_next = _f64(sigma, sigma_next, lift_next)
     _check_positive("sigma", sigma)
     bad = np.flatnonzero(~(sigma_next > 0))
     if len(bad):
@@ -168,7 +169,7 @@ def heun_second(sigma, sigma_next, *, prediction_type: str = "epsilon", clip=Non
                          f"Euler step is the step), got {sigma_next[bad[0]]} at {row_label} {bad[0]}")
     pred_2 = predict(prediction_type, 1.0, sigma_next)
     d, d_2 = (X_START - M0) / sigma, (X - _denoised(pred_2, clip)) / sigma_next
-    x_next = X_START + (sigma_next - sigma) * (d + d_2) / 2
+    x_next = X_START + (sigma_next - sigma) * (d + d_2) / 2 + lift_next * Z
     return plan(f"heun 2 ({prediction_type})", x0=pred_2.x0, outputs={"x": x_next, "x0": X0}, clip=clip,
                 guidance=guidance, rows=sigma.shape, row_label=row_label)
 
