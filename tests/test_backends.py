@@ -63,3 +63,22 @@ def test_info_command_runs():
 def test_cli_errors_are_messages_not_tracebacks(args, message):
     run = subprocess.run([sys.executable, "-m", "fastdiff", *args], capture_output=True, text=True)
     assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("name", ["FastDDIMScheduler", "FastDPMSolverMultistepScheduler", "FastEulerDiscreteScheduler"])
+def test_a_drop_ins_backend_reaches_its_kernels(no_native, name):
+    """``scheduler.backend = "cpu"`` is the backend ``step`` runs: without the native module it raises with
+    the reason (the automatic choice, torch, would have run); a name that is no backend is refused."""
+    pytest.importorskip("diffusers")
+    import fastdiff.integrations.diffusers as fd
+
+    s = getattr(fd, name)()
+    s.set_timesteps(4)
+    x = torch.randn(1, 2, 4, 4)
+    s.step(x, s.timesteps[0], x)  # automatic: torch serves
+    s.backend = "cpu"
+    assert s.backend == "cpu"
+    with pytest.raises(RuntimeError, match=r"backend 'cpu' was requested .*\(simulated\)"):
+        s.step(x, s.timesteps[1], x)
+    with pytest.raises(ValueError, match="backend: expected None, 'cuda', 'triton', 'cpu' or 'torch', got 'gpu'"):
+        s.backend = "gpu"

@@ -9,6 +9,7 @@ All of them stand on ``base.FastSchedulerMixin`` (noise, seeds, begin_index, pla
 from fastdiff.integrations.diffusers.base import FastSchedulerMixin
 from fastdiff.integrations.diffusers.ddim import FastDDIMScheduler
 from fastdiff.integrations.diffusers.ddpm import FastDDPMScheduler
+from fastdiff.integrations.diffusers.dpmsolver import FastDPMSolverMultistepScheduler
 from fastdiff.integrations.diffusers.euler import FastEulerDiscreteScheduler
 from fastdiff.integrations.diffusers.euler_ancestral import FastEulerAncestralDiscreteScheduler
 from fastdiff.integrations.diffusers.flow import FastFlowMatchEulerDiscreteScheduler
@@ -17,7 +18,7 @@ from fastdiff.integrations.diffusers.lcm import FastLCMScheduler
 from fastdiff.integrations.diffusers.unipc import FastUniPCMultistepScheduler
 
 __all__ = [
-    "FastDDIMScheduler", "FastDDPMScheduler", "FastEulerAncestralDiscreteScheduler", "FastEulerDiscreteScheduler",
-    "FastFlowMatchEulerDiscreteScheduler", "FastHeunDiscreteScheduler", "FastLCMScheduler", "FastSchedulerMixin",
-    "FastUniPCMultistepScheduler",
+    "FastDDIMScheduler", "FastDDPMScheduler", "FastDPMSolverMultistepScheduler", "FastEulerAncestralDiscreteScheduler",
+    "FastEulerDiscreteScheduler", "FastFlowMatchEulerDiscreteScheduler", "FastHeunDiscreteScheduler",
+    "FastLCMScheduler", "FastSchedulerMixin", "FastUniPCMultistepScheduler",
 ]

@@ -82,7 +82,6 @@ class FastSchedulerMixin:
     alphas_cumprod = watched("alphas_cumprod")
 
     def _init_fast(self) -> None:
-        self.backend: str | None = None
         self._T = self.config.num_train_timesteps
         self._seeds = None
         self._plans: dict[tuple, Plan] = {}
@@ -93,6 +92,17 @@ class FastSchedulerMixin:
         self._host_timesteps, self._started = None, False
         self._stepper = Stepper(q_sample_plan(1.0, 0.0))  # the run's state; each call names its plan
         self._refresh()
+
+    @property
+    def backend(self) -> str | None:
+        """The kernels ``step`` runs: None (automatic), "cuda", "triton", "cpu" or "torch"."""
+        return self._stepper.backend
+
+    @backend.setter
+    def backend(self, value: str | None) -> None:
+        if value not in (None, "cuda", "triton", "cpu", "torch"):
+            raise ValueError(f"backend: expected None, 'cuda', 'triton', 'cpu' or 'torch', got {value!r}")
+        self._stepper.backend = value
 
     # ---------------------------------------------------------------------------------- the run's state
     @property
