@@ -17,7 +17,7 @@ docs/methods.md 0.1). With d = (x - D)/sigma the probability-flow ODE's derivati
 
 Every row is linear in the step's terms, so each model call is one fused step (docs/methods.md, section 7).
 Heun's second call reads what the first left: its x0 (history slot m0) and its start sample x_s. The
-start arrives as history slot m1 (``X_START``; docs/methods.md, section 8 names it x_last): a caller hands
+start arrives as history slot m1 (``X_START``; docs/methods.md, sections 7.4 and 8): a caller hands
 both saved tensors by reference (``Stepper.step(..., m=[x0, x_s])``), so the first call writes no copy of
 its input and the x0 it hands back is never a reused ring buffer.
 
