@@ -4,10 +4,10 @@ variances, low precision under the accuracy rule, odd shapes and strides, seeds,
 guidance, autograd, torch.compile, bad input; the paper-shaped reference (Ho et al. 2020) and the posterior
 q(x_prev | x_t, x0) on the Gaussian oracle."""
 
-import contextlib
 import inspect
 
 import diffusers.schedulers.scheduling_ddpm as diffusers_ddpm
+import noise_capture
 import numpy as np
 import pytest
 import torch
@@ -51,24 +51,8 @@ def model(x, t, learned=None):
     return e
 
 
-@contextlib.contextmanager
 def diffusers_noise(noises=None):
-    """Inside, diffusers' DDPM draws are recorded into the yielded list (or, given `noises`, replaced by
-    them in order, in the dtype it asks for): the float64 oracle then sees the fp32 run's noise."""
-    real, drawn = diffusers_ddpm.randn_tensor, []
-
-    def draw(shape, generator=None, device=None, dtype=None, **kw):
-        n = real(shape, generator=generator, device=device, dtype=dtype, **kw) if noises is None else \
-            noises[len(drawn)].to(device=device, dtype=dtype)
-        assert tuple(n.shape) == tuple(shape)
-        drawn.append(n)
-        return n
-
-    diffusers_ddpm.randn_tensor = draw
-    try:
-        yield drawn
-    finally:
-        diffusers_ddpm.randn_tensor = real
+    return noise_capture.diffusers_noise(diffusers_ddpm, noises)
 
 
 def trajectory(scheduler, x, set_kw, learned=None, device=None, **step_kw):

@@ -6,11 +6,11 @@ paper-shaped reference in float64 (diffusers' own float64 run rounds the sample 
 the reference is the float64 oracle here), Euler's first order on the Gaussian-mixture oracle's exact flow,
 and the stochastic step's marginal."""
 
-import contextlib
 import inspect
 import math
 
 import diffusers.schedulers.scheduling_flow_match_euler_discrete as diffusers_flow
+import noise_capture
 import numpy as np
 import pytest
 import torch
@@ -48,24 +48,8 @@ def model(x, t):
     return (0.9 * torch.tanh(x.float() * (1.0 + float(t) / 1000.0)) - 0.3 * x.float()).to(x.dtype) + 0.05
 
 
-@contextlib.contextmanager
 def diffusers_noise(noises=None):
-    """Inside, diffusers' draws are recorded into the yielded list (or, given `noises`, replaced by them in
-    order, in the dtype it asks for)."""
-    real, drawn = diffusers_flow.randn_tensor, []
-
-    def draw(shape, generator=None, device=None, dtype=None, **kw):
-        n = real(shape, generator=generator, device=device, dtype=dtype, **kw) if noises is None else \
-            noises[len(drawn)].to(device=device, dtype=dtype)
-        assert tuple(n.shape) == tuple(shape)
-        drawn.append(n)
-        return n
-
-    diffusers_flow.randn_tensor = draw
-    try:
-        yield drawn
-    finally:
-        diffusers_flow.randn_tensor = real
+    return noise_capture.diffusers_noise(diffusers_flow, noises)
 
 
 def trajectory(scheduler, x, set_kw, device=None, **step_kw):

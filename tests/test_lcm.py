@@ -4,10 +4,10 @@ precision under the accuracy rule, odd shapes and strides, seeds, begin_index, f
 torch.compile, bad input; the paper-shaped reference (Luo et al. 2023), the consistency boundary condition
 and the re-noising's marginal."""
 
-import contextlib
 import inspect
 
 import diffusers.schedulers.scheduling_lcm as diffusers_lcm
+import noise_capture
 import pytest
 import torch
 from conftest import CPU_BACKENDS, DEVICE_BACKENDS, DEVICES, assert_close, require_backend
@@ -37,24 +37,8 @@ def model(x, t):
     return 0.9 * torch.tanh(x.float() * (1.0 + float(t) / 1000.0)).to(x.dtype) + 0.05
 
 
-@contextlib.contextmanager
 def diffusers_noise(noises=None):
-    """Inside, diffusers' LCM draws are recorded into the yielded list (or, given `noises`, replaced by
-    them in order, in the dtype it asks for)."""
-    real, drawn = diffusers_lcm.randn_tensor, []
-
-    def draw(shape, generator=None, device=None, dtype=None, **kw):
-        n = real(shape, generator=generator, device=device, dtype=dtype, **kw) if noises is None else \
-            noises[len(drawn)].to(device=device, dtype=dtype)
-        assert tuple(n.shape) == tuple(shape)
-        drawn.append(n)
-        return n
-
-    diffusers_lcm.randn_tensor = draw
-    try:
-        yield drawn
-    finally:
-        diffusers_lcm.randn_tensor = real
+    return noise_capture.diffusers_noise(diffusers_lcm, noises)
 
 
 def float64(scheduler):
