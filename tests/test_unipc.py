@@ -133,6 +133,7 @@ def test_trajectory_matches_diffusers_for_every_option(name):
     x = x_T()
     want = trajectory(UniPCMultistepScheduler(**config), x, set_kw=set_kw)
     exact = trajectory(UniPCMultistepScheduler(**config), x.double(), set_kw=set_kw, exact=True)
+    require_backend("cpu")
     fast = FastUniPCMultistepScheduler(**config)
     fast.backend = "cpu"
     got = trajectory(fast, x, set_kw=set_kw)
@@ -306,18 +307,19 @@ def test_fused_guidance_equals_guidance_done_outside(backend, config):
         fast.step(torch.zeros(SHAPE), fast.timesteps[0], torch.zeros(SHAPE), guidance_scale=2.0)
 
 
-def test_thresholding_matches_diffusers():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_thresholding_matches_diffusers(backend):
     """Dynamic thresholding of x0 between two kernels (the quantile), with samples far outside [-1, 1]."""
+    require_backend(backend)
     config = dict(thresholding=True, prediction_type="sample", dynamic_thresholding_ratio=0.9, sample_max_value=1.5,
                   solver_order=3)
     model = lambda s, j, x: 3 * torch.tanh(x) + 0.2  # noqa: E731
     x = 2 * x_T(8)
     want = trajectory(UniPCMultistepScheduler(**config), x, model=model)
     exact = trajectory(UniPCMultistepScheduler(**config), x.double(), model=model, exact=True)
-    for backend in CPU_BACKENDS:
-        fast = FastUniPCMultistepScheduler(**config)
-        fast.backend = backend
-        check_trajectory(trajectory(fast, x, model=model), want, exact, f"thresholding {backend}")
+    fast = FastUniPCMultistepScheduler(**config)
+    fast.backend = backend
+    check_trajectory(trajectory(fast, x, model=model), want, exact, f"thresholding {backend}")
 
 
 def test_deterministic_seeds_change_nothing():
