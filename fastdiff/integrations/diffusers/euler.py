@@ -30,7 +30,7 @@ from fastdiff.integrations.diffusers.sigma_space import (
 from fastdiff.samplers.euler import euler_step
 from fastdiff.samplers.forward import velocity_plan
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger("diffusers.schedulers." + __name__)  # diffusers' verbosity applies
 
 class FastEulerDiscreteScheduler(SigmaSpaceMixin, SchedulerMixin, ConfigMixin):
     """Fused drop-in for diffusers' ``EulerDiscreteScheduler`` (same arguments and defaults, attributes and

@@ -25,7 +25,7 @@ from fastdiff.integrations.diffusers.sigma_space import (
 )
 from fastdiff.samplers.euler import euler_ancestral_step
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger("diffusers.schedulers." + __name__)  # diffusers' verbosity applies
 
 class FastEulerAncestralDiscreteScheduler(SigmaSpaceMixin, SchedulerMixin, ConfigMixin):
     """Fused drop-in for diffusers' ``EulerAncestralDiscreteScheduler`` (same arguments and defaults,

@@ -17,7 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from fastdiff.integrations.diffusers.base import FastSchedulerMixin, output, watched
 from fastdiff.samplers.flow import TIME_SHIFT_TYPES, flow_euler_plan, flow_sigmas, scale_noise_plan, train_sigmas
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger("diffusers.schedulers." + __name__)  # diffusers' verbosity applies
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 

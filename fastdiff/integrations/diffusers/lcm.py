@@ -18,7 +18,7 @@ from fastdiff.samplers.ddim import ddim_x0
 from fastdiff.samplers.lcm import PREDICTION_TYPES, lcm_plan
 from fastdiff.samplers.predictions import check_prediction_type
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger("diffusers.schedulers." + __name__)  # diffusers' verbosity applies
 
 
 class FastLCMScheduler(FastSchedulerMixin, SchedulerMixin, ConfigMixin):

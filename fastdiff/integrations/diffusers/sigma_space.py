@@ -29,7 +29,7 @@ from fastdiff import schedules
 from fastdiff.integrations.diffusers.base import FastSchedulerMixin
 from fastdiff.samplers.forward import q_sample_plan
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger("diffusers.schedulers." + __name__)  # diffusers' verbosity applies
 
 INT_DTYPES = (torch.int32, torch.int64)
 NOT_SCALED = ("The `scale_model_input` function should be called before `step` to ensure correct denoising. "
