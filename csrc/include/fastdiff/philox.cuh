@@ -28,17 +28,23 @@ FD_HD FD_INLINE uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t& hi) {
 #endif
 }
 
+// One Philox4x32 round on the counter words (c0, c1, c2, c3) with round key (k0, k1), in place. Written on
+// scalars so that a loop of it over structure-of-arrays counters vectorises (philox_lanes).
+FD_HD FD_INLINE void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0, uint32_t k1) {
+  uint32_t hi0, hi1;
+  const uint32_t lo0 = mulhilo32(kPhiloxM0, c0, hi0);
+  const uint32_t lo1 = mulhilo32(kPhiloxM1, c2, hi1);
+  c0 = hi1 ^ c1 ^ k0;
+  c1 = lo1;
+  c2 = hi0 ^ c3 ^ k1;
+  c3 = lo0;
+}
+
 // Ten rounds of Philox4x32 on counter c with key (k0, k1), in place.
 FD_HD FD_INLINE void philox4x32_10(uint32_t (&c)[4], uint32_t k0, uint32_t k1) {
 FD_UNROLL
   for (int r = 0; r < 10; ++r) {
-    uint32_t hi0, hi1;
-    const uint32_t lo0 = mulhilo32(kPhiloxM0, c[0], hi0);
-    const uint32_t lo1 = mulhilo32(kPhiloxM1, c[2], hi1);
-    c[0] = hi1 ^ c[1] ^ k0;
-    c[1] = lo1;
-    c[2] = hi0 ^ c[3] ^ k1;
-    c[3] = lo0;
+    philox_round(c[0], c[1], c[2], c[3], k0, k1);
     k0 += kPhiloxW0;
     k1 += kPhiloxW1;
   }
@@ -81,23 +87,27 @@ FD_HD FD_INLINE void sincos_2pi(float u, float& c_out, float& s_out) {
   const float s = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * a + a;
   const float c = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z
                   - 0.5f * z + 1.0f;
-  const int k = int(q) & 3;
-  c_out = k == 0 ? c : k == 1 ? -s : k == 2 ? -c : s;
-  s_out = k == 0 ? s : k == 1 ? c : k == 2 ? -s : -c;
+  const int k = int(q) & 3;                            // quadrant: (c, s) -> (c, s), (-s, c), (-c, -s), (s, -c)
+  const float cq = (k & 1) ? s : c, sq = (k & 1) ? c : s;
+  c_out = ((k + 1) & 2) ? -cq : cq;                    // two-way selects: branch-free, they vectorise
+  s_out = (k & 2) ? -sq : sq;
+}
+
+// Box-Muller: two words -> two standard normals r*cos(2 pi u2), r*sin(2 pi u2), r = sqrt(-2 log u1).
+FD_HD FD_INLINE void box_muller(uint32_t w1, uint32_t w2, float& z0, float& z1) {
+  const float r = sqrtf(-2.0f * log_pos(uniform_open(w1)));
+  float cs, sn;
+  sincos_2pi(uniform_open(w2), cs, sn);
+  z0 = r * cs;
+  z1 = r * sn;
 }
 
 // The four standard normals of group g (elements 4g..4g+3) for this seed, step and domain.
 FD_HD FD_INLINE void philox_normal4(uint64_t seed, uint64_t g, uint32_t step, uint32_t domain, float (&z)[4]) {
   uint32_t c[4] = {uint32_t(g), uint32_t(g >> 32), step, domain};
   philox4x32_10(c, uint32_t(seed), uint32_t(seed >> 32));
-FD_UNROLL
-  for (int p = 0; p < 2; ++p) {
-    const float r = sqrtf(-2.0f * log_pos(uniform_open(c[2 * p])));
-    float cs, sn;
-    sincos_2pi(uniform_open(c[2 * p + 1]), cs, sn);
-    z[2 * p] = r * cs;
-    z[2 * p + 1] = r * sn;
-  }
+  box_muller(c[0], c[1], z[0], z[1]);
+  box_muller(c[2], c[3], z[2], z[3]);
 }
 
 }  // namespace fastdiff

@@ -174,16 +174,41 @@ FD_HD FD_INLINE V clampf(V v, float lo, float hi) {
   return v > hi ? hi : v;
 }
 
-// In-kernel noise for elements [i0, i0 + N) of a sample, i0 a multiple of 4.
+// In-kernel noise for elements [i0, i0 + N) of a sample, i0 a multiple of 4: philox_normal4 of each group,
+// computed stage by stage over structure-of-arrays counters (the rounds, then Box-Muller), so that a CPU
+// compiler vectorises every stage across groups; the same operations in the same order, so the same numbers.
 template <int N>
 FD_HD FD_INLINE void philox_lanes(uint64_t seed, int64_t i0, uint32_t step, uint32_t domain, float (&z)[N]) {
   static_assert(N % 4 == 0, "noise lanes come in groups of 4");
+  constexpr int G = N / 4;
+  uint32_t c0[G], c1[G], c2[G], c3[G];
+  const uint64_t g0 = uint64_t(i0 / 4);
   FD_UNROLL
-  for (int g = 0; g < N / 4; ++g) {
-    float q[4];
-    philox_normal4(seed, uint64_t(i0 / 4 + g), step, domain, q);
+  for (int g = 0; g < G; ++g) {
+    c0[g] = uint32_t(g0 + g);
+    c1[g] = uint32_t((g0 + g) >> 32);
+    c2[g] = step;
+    c3[g] = domain;
+  }
+  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+  FD_UNROLL
+  for (int r = 0; r < 10; ++r) {
     FD_UNROLL
-    for (int j = 0; j < 4; ++j) z[4 * g + j] = q[j];
+    for (int g = 0; g < G; ++g) philox_round(c0[g], c1[g], c2[g], c3[g], k0, k1);
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  float z0[G], z1[G], z2[G], z3[G];
+  FD_UNROLL
+  for (int g = 0; g < G; ++g) box_muller(c0[g], c1[g], z0[g], z1[g]);
+  FD_UNROLL
+  for (int g = 0; g < G; ++g) box_muller(c2[g], c3[g], z2[g], z3[g]);
+  FD_UNROLL
+  for (int g = 0; g < G; ++g) {
+    z[4 * g] = z0[g];
+    z[4 * g + 1] = z1[g];
+    z[4 * g + 2] = z2[g];
+    z[4 * g + 3] = z3[g];
   }
 }
 
