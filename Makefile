@@ -22,6 +22,7 @@ info: $(VENV)/.demo
 bench: $(VENV)/.test
 	$(PY) bench/bench_ddim.py
 	$(PY) bench/bench_overhead.py
+	$(PY) bench/bench_multistep.py
 
 wheel: $(VENV)/.tools
 	$(PY) -m pip wheel --no-deps -w dist .

@@ -1,42 +1,65 @@
-"""Per-step host cost: a whole 20-step DDIM trajectory (``set_timesteps`` included, the model's output a
-fixed tensor so that only the sampler is timed) per provider, reported per step, at the SD-latent shape
-(1, 4, 64, 64) and at (2, 4, 128, 128), where the Python around a kernel decides - not memory.
+"""Per-step host cost: a whole 20-step trajectory (``set_timesteps`` included, the model's output a fixed
+tensor so that only the sampler is timed) per provider, reported per step, at the SD-latent shape
+(1, 4, 64, 64) and at (2, 4, 128, 128), where the Python around a kernel decides - not memory. One run per
+scheduler (``--schedulers``, the solvers of ``bench/solvers.py``; default all) and shape, op
+``overhead_<name>_<steps>_steps``.
 
-Providers: diffusers' ``DDIMScheduler``; fastdiff's drop-in ``FastDDIMScheduler`` (as diffusers' docs call
+DDIM (``ddim``) has the providers below. Every other scheduler: diffusers' class and fastdiff's drop-in, called
+as diffusers' docs call it (``.prev_sample``) and with ``return_dict=False`` as its pipelines call it; the
+stochastic ones get a generator seeded alike at every trajectory, so the drop-in draws diffusers' noise.
+
+DDIM providers: diffusers' ``DDIMScheduler``; fastdiff's drop-in ``FastDDIMScheduler`` (as diffusers' docs call
 it, and with ``return_dict=False`` as diffusers' pipelines call it); the fused op ``ops.step`` with a
 plan (two outputs, as the drop-in); the fused loop ``fastdiff.loop.sample`` (in place, one output); the
 paper-shaped reference eager and under ``torch.compile`` (inductor; the abar values as 0-d tensors so one
-graph serves every step). Every provider's final sample is checked against diffusers' first (to 1e-4
+graph serves every step). Every provider's final sample is checked against diffusers' first (to 1e-3
 relative in fp32: twenty steps of float32 rounding).
 
-    python bench/bench_overhead.py [--shapes 1x4x64x64,2x4x128x128] [--steps 20] [--device cpu]
+    python bench/bench_overhead.py [--schedulers 'ddim,dpmpp_*'] [--shapes 1x4x64x64,2x4x128x128] [--steps 20]
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
 import torch
 
 try:
-    from bench import harness
+    from bench import harness, solvers
 except ImportError:  # run as `python bench/bench_overhead.py`
     import harness  # type: ignore[no-redef]
+    import solvers  # type: ignore[no-redef]
 Bench, Provider, Skip = harness.Bench, harness.Provider, harness.Skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = harness.add_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]), (1, 4, 64, 64))
-    p.add_argument("--shapes", default="1x4x64x64,2x4x128x128", help="comma-separated shapes, one run each")
-    p.add_argument("--steps", type=int, default=20, help="steps per trajectory (default %(default)s)")
-    args = p.parse_args(argv)
-    failed = 0
-    for shape in args.shapes.split(","):
-        args.shape = shape
-        failed |= run_shape(args, argv)
-    return failed
+    args = solvers.parser(__doc__, "schedulers", "1x4x64x64,2x4x128x128").parse_args(argv)
+    return solvers.run_each(args.schedulers, args, lambda solver: run_shape(args, argv) if solver.name == "ddim"
+                            else run_scheduler(solver, args, argv))
+
+
+def run_scheduler(solver, args, argv) -> int:
+    """diffusers' scheduler and the drop-in (return_dict True and False) over an n-step trajectory."""
+    from fastdiff import backends
+
+    shape, dtype, device = harness.parse_shape(args.shape), harness.DTYPES[args.dtype], torch.device(args.device)
+    g = torch.Generator().manual_seed(0)
+    x_T, eps = (torch.randn(shape, generator=g).to(device, dtype) for _ in range(2))
+    n, tol, native = args.steps, 100 * harness.TOL[dtype], backends.choose(device)
+    nbytes = int(x_T.numel() * x_T.element_size() * (solver.tensors + solver.stochastic))  # bench/README.md
+    expected = solvers.trajectory(solvers.new_scheduler(solver), solver, x_T, eps, n)()
+
+    def bench(**kw) -> Bench:
+        return solvers.scheduler_bench(solver, x_T, eps, n, nbytes, tol, **kw)
+
+    providers = [
+        Provider("diffusers", bench),
+        Provider(f"fastdiff-{native} {solver.fast}", lambda: bench(fast=True, backend=native)),
+        Provider(f"fastdiff-{native} {solver.fast} (return_dict=False)",
+                 lambda: bench(fast=True, backend=native, return_dict=False)),
+    ]
+    return harness.run(f"overhead_{solver.name}_{n}_steps", args, providers, expected, argv)
 
 
 def run_shape(args, argv) -> int:

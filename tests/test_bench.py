@@ -1,0 +1,50 @@
+"""The benchmark scripts run end to end (tiny shape, few repeats; no torch.compile rows, no Triton rows - the
+interpreter is tested elsewhere): every provider's
+output passes the harness' check against diffusers before timing (a WRONG row fails the script), and every
+solver has its fused, drop-in and diffusers rows."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastdiff import backends
+
+pytest.importorskip("diffusers")
+NATIVE = backends.choose(torch.device("cpu"))
+ROOT = Path(__file__).resolve().parent.parent
+SOLVERS = ["dpmpp_2m", "dpmpp_3m", "sde_dpmpp_2m", "unipc", "euler", "euler_ancestral", "heun", "ddpm", "lcm",
+           "flow_euler", "ddim"]
+
+
+def run(script, tmp_path, *args):
+    cmd = [sys.executable, str(ROOT / "bench" / script), "--quick", "--repeats", "2", "--out", str(tmp_path), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = {}
+    for f in tmp_path.glob("*.jsonl"):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            if r["kind"] == "row":
+                assert r["status"] != "wrong", r
+                rows.setdefault(r["op"], {})[r["provider"]] = r["status"]
+    return rows
+
+
+def test_bench_multistep_checks_every_solver(tmp_path):
+    rows = run("bench_multistep.py", tmp_path, "--shapes", "1x4x8x8",
+               "--providers", f"diffusers,fastdiff-{NATIVE}*,fastdiff-torch,eager-torch,k-diffusion")
+    assert sorted(rows) == sorted(f"multistep_{s}" for s in SOLVERS)
+    for op, got in rows.items():
+        assert got["diffusers"] == got[f"fastdiff-{NATIVE} (scheduler)"] == got["eager-torch"] == "ok", (op, got)
+        assert got[f"fastdiff-{NATIVE}"] == got["fastdiff-torch"] == "ok", (op, got)
+
+
+def test_bench_overhead_checks_every_drop_in(tmp_path):
+    rows = run("bench_overhead.py", tmp_path, "--shapes", "1x4x8x8", "--providers", f"diffusers,fastdiff-{NATIVE}*")
+    assert sorted(rows) == sorted(f"overhead_{s}_20_steps" for s in SOLVERS)
+    for op, got in rows.items():
+        assert set(got.values()) == {"ok"} and len(got) >= 3, (op, got)
