@@ -116,6 +116,42 @@ def randn(
     return z.to(dtype)
 
 
+def uniform(
+    seeds: torch.Tensor | Sequence[int] | int,
+    numel: int,
+    *,
+    step: int = 0,
+    domain: int = DOMAIN_CATEGORICAL,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The uniforms in (0, 1) of (step, domain) for every sample: ``[len(seeds), numel]`` float64 (each exact
+    in float32). Element i is ``u(w[i % 4])`` of Philox group ``i // 4``: the words the normals of the same
+    counter would take, used here one word per element (for categorical draws, ``categorical``)."""
+    if numel < 0:
+        raise ValueError(f"numel: expected >= 0, got {numel}")
+    seeds = check_seeds(seeds)
+    if not isinstance(seeds, torch.Tensor):
+        raise TypeError(f"seeds: expected one key per sample (a sequence or 1-D tensor), got {seeds!r}")
+    dev = seeds.device if device is None else torch.device(device)
+    seeds = seeds.to(dev)
+    groups = torch.arange((numel + 3) // 4, device=dev, dtype=torch.int64)
+    key = [(seeds & _MASK32)[:, None], ((seeds >> 32) & _MASK32)[:, None]]
+    counter = [groups & _MASK32, groups >> 32, torch.tensor(step & _MASK32, device=dev),
+               torch.tensor(domain & _MASK32, device=dev)]
+    w = torch.stack(philox4x32_10(counter, key), dim=-1)
+    return uniform_open(w).reshape(seeds.shape[0], -1)[:, :numel]
+
+
+def categorical(u: torch.Tensor, weights: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """Inverse-CDF categorical draws: for each uniform in `u`, the component k with ``cdf[k-1] <= u < cdf[k]``
+    (int64), where ``cdf`` is the cumulative sum of `weights` in float64 rounded to float32 - the values
+    the kernels compare against, so every backend draws the same components. The last component takes
+    everything from ``cdf[K-2]`` up (no dependence on the rounding of the total)."""
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    cdf = torch.cumsum(w, 0)[:-1].to(torch.float32).to(torch.float64).to(u.device)
+    return (u[..., None] >= cdf).sum(-1)
+
+
 def _splitmix64(v: int) -> int:
     v = (v + 0x9E3779B97F4A7C15) & _MASK64
     v = ((v ^ (v >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64

@@ -124,3 +124,24 @@ def test_seeds_users_give_are_checked_when_given():
     assert torch.equal(R.seed_tensor(9, 3), R.sample_seeds(9, 3))
     with pytest.raises(ValueError, match=r"seeds: expected one seed per sample \(3\), got 2"):
         R.seed_tensor([1, 2], 3)
+
+
+def test_uniforms_are_the_philox_words_of_the_counter():
+    """Element i is word i % 4 of group i // 4 as a uniform: Random123's known answer for key 0, counter 0."""
+    _, _, words = KAT[0]
+    u = R.uniform(torch.tensor([0]), 4, step=0, domain=0)[0]
+    assert torch.equal(u, torch.tensor([((w >> 9) + 0.5) * 2.0**-23 for w in words], dtype=torch.float64))
+    many = R.uniform(R.sample_seeds(1, 2), 100_003, step=2).flatten()
+    assert float(many.min()) > 0 and float(many.max()) < 1
+    assert stats.kstest(many.numpy(), "uniform").pvalue > 1e-4  # a correct generator fails 1 run in 10^4
+
+
+def test_categorical_is_the_inverse_cdf():
+    w = [0.4, 0.15, 0.15, 0.1, 0.1, 0.05, 0.05]
+    cdf = np.cumsum(w)
+    u = torch.tensor([0.0, 0.3999, 0.4001, 0.54, 0.56, 0.9499, 0.9501, 0.99999], dtype=torch.float64)
+    expected = [int(np.searchsorted(cdf[:-1], v, side="right")) for v in u.tolist()]
+    assert R.categorical(u, w).tolist() == expected == [0, 0, 1, 1, 2, 5, 6, 6]
+    k = R.categorical(R.uniform(R.sample_seeds(4, 1), 200_000)[0], w)
+    counts = torch.bincount(k, minlength=len(w)).numpy()
+    assert stats.chisquare(counts, np.array(w) * k.numel()).pvalue > 1e-4

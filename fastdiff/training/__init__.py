@@ -1,0 +1,2 @@
+"""Training-time helpers of the seed methods: each method's forward noising (a fused plan or op) and its
+loss, one module per method."""
