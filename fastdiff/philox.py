@@ -112,7 +112,7 @@ def randn(
     w = philox4x32_10(counter, key)
     z0, z1 = box_muller(uniform_open(w[0]), uniform_open(w[1]))
     z2, z3 = box_muller(uniform_open(w[2]), uniform_open(w[3]))
-    z = torch.stack((z0, z1, z2, z3), dim=-1).reshape(seeds.shape[0], -1)[:, :numel]
+    z = torch.stack((z0, z1, z2, z3), dim=-1).reshape(seeds.shape[0], 4 * groups.shape[0])[:, :numel]
     return z.to(dtype)
 
 
@@ -139,7 +139,7 @@ def uniform(
     counter = [groups & _MASK32, groups >> 32, torch.tensor(step & _MASK32, device=dev),
                torch.tensor(domain & _MASK32, device=dev)]
     w = torch.stack(philox4x32_10(counter, key), dim=-1)
-    return uniform_open(w).reshape(seeds.shape[0], -1)[:, :numel]
+    return uniform_open(w).reshape(seeds.shape[0], 4 * groups.shape[0])[:, :numel]
 
 
 def categorical(u: torch.Tensor, weights: torch.Tensor | Sequence[float]) -> torch.Tensor:

@@ -145,3 +145,9 @@ def test_categorical_is_the_inverse_cdf():
     k = R.categorical(R.uniform(R.sample_seeds(4, 1), 200_000)[0], w)
     counts = torch.bincount(k, minlength=len(w)).numpy()
     assert stats.chisquare(counts, np.array(w) * k.numel()).pvalue > 1e-4
+
+
+def test_an_empty_batch_draws_nothing():
+    none = torch.empty(0, dtype=torch.int64)
+    assert R.randn(none, 5).shape == (0, 5) and R.uniform(none, 5).shape == (0, 5)
+    assert R.randn([1], 0).shape == (1, 0)
