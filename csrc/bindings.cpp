@@ -1,10 +1,12 @@
 // fastdiff._C: raw pointers, sizes and a stream handle in; no libtorch, so one binary serves every torch.
 #include <pybind11/pybind11.h>
 
+#include <iterator>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 
+#include "fastdiff/gmm.cuh"
 #include "fastdiff/step.cuh"
 
 #if defined(FASTDIFF_WITH_OPENMP)
@@ -16,10 +18,14 @@ namespace py = pybind11;
 namespace fastdiff {
 namespace cpu {
 void step(const StepParams& p);
-}
+int64_t gmm_noise(const GmmNoiseParams& p);  // returns the number of bad given ids
+void gmm_score(const GmmScoreParams& p);
+}  // namespace cpu
 #if defined(FASTDIFF_WITH_CUDA)
 namespace cuda {
 int step(const StepParams& p, int device, uintptr_t stream);
+int gmm_noise(const GmmNoiseParams& p, int device, uintptr_t stream);
+int gmm_score(const GmmScoreParams& p, int device, uintptr_t stream);
 const char* error_string(int code);
 int device_count(int* count);
 }  // namespace cuda
@@ -62,6 +68,46 @@ static StepParams step_params(const py::tuple& a) {
   return p;
 }
 
+// The Gaussian-mixture kernels' parameters travel the same way; Python packs them by the names the module
+// exports (gmm_noise_fields, gmm_score_fields).
+#define FD_GMM_NOISE_FIELDS(X)                                                                              \
+  X(batch) X(numel) X(n_draws) X(group) X(n_comp) X(dtype) X(cdf) X(means) X(means_d) X(stds) X(stds_d)      \
+  X(noise) X(seeds) X(step) X(component_in) X(out) X(component_out)
+#define FD_GMM_SCORE_FIELDS(X) \
+  X(batch) X(numel) X(n_comp) X(dtype) X(x) X(means) X(inv_std) X(log_coef) X(score) X(log_prob)
+
+static const char* kGmmNoiseFields[] = {FD_GMM_NOISE_FIELDS(FD_NAME)};
+static const char* kGmmScoreFields[] = {FD_GMM_SCORE_FIELDS(FD_NAME)};
+
+template <size_t N>
+static void check_arity(const py::tuple& a, const char* (&)[N], const char* op) {
+  if (a.size() != N)
+    throw std::invalid_argument(std::string(op) + ": expected " + std::to_string(N) + " parameters, got " +
+                                std::to_string(a.size()));
+}
+
+static fastdiff::GmmNoiseParams gmm_noise_params(const py::tuple& a) {
+  check_arity(a, kGmmNoiseFields, "gmm_noise");
+  fastdiff::GmmNoiseParams p;
+  int i = 0;
+  FD_GMM_NOISE_FIELDS(FD_SET)
+  return p;
+}
+
+static fastdiff::GmmScoreParams gmm_score_params(const py::tuple& a) {
+  check_arity(a, kGmmScoreFields, "gmm_score");
+  fastdiff::GmmScoreParams p;
+  int i = 0;
+  FD_GMM_SCORE_FIELDS(FD_SET)
+  return p;
+}
+
+static py::list name_list(const char* const* names, size_t n) {
+  py::list out;
+  for (size_t i = 0; i < n; ++i) out.append(names[i]);
+  return out;
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastdiff native kernels (C++/OpenMP, and CUDA when built with nvcc)";
 
@@ -77,6 +123,26 @@ PYBIND11_MODULE(_C, m) {
         fastdiff::cpu::step(p);
       },
       "Run one step on host memory (OpenMP). `args`: the values of step_fields, in order.");
+
+  m.attr("gmm_noise_fields") = name_list(kGmmNoiseFields, std::size(kGmmNoiseFields));
+  m.attr("gmm_score_fields") = name_list(kGmmScoreFields, std::size(kGmmScoreFields));
+  m.def(
+      "gmm_noise_cpu",
+      [](const py::tuple& args) {
+        const fastdiff::GmmNoiseParams p = gmm_noise_params(args);
+        py::gil_scoped_release nogil;
+        return fastdiff::cpu::gmm_noise(p);
+      },
+      "Draw Gaussian-mixture samples on host memory. `args`: the values of gmm_noise_fields, in order. Returns "
+      "the number of given component ids outside [0, n_comp) (read as 0).");
+  m.def(
+      "gmm_score_cpu",
+      [](const py::tuple& args) {
+        const fastdiff::GmmScoreParams p = gmm_score_params(args);
+        py::gil_scoped_release nogil;
+        fastdiff::cpu::gmm_score(p);
+      },
+      "Gaussian-mixture score and log-density on host memory. `args`: the values of gmm_score_fields.");
 
   // The coefficient layout (fastdiff/layout.h) by name, compared with fastdiff/layout.py at load time.
   py::dict layout;
@@ -120,6 +186,20 @@ PYBIND11_MODULE(_C, m) {
         if (err != 0) throw std::runtime_error(std::string("fastdiff step (cuda): ") + fastdiff::cuda::error_string(err));
       },
       "Launch one step on `stream` (a cudaStream_t as an integer) of `device`.");
+  m.def(
+      "gmm_noise_cuda",
+      [](const py::tuple& args, int device, uintptr_t stream) {
+        const int err = fastdiff::cuda::gmm_noise(gmm_noise_params(args), device, stream);
+        if (err != 0) throw std::runtime_error(std::string("fastdiff gmm_noise (cuda): ") + fastdiff::cuda::error_string(err));
+      },
+      "Launch gmm_noise on `stream` of `device`.");
+  m.def(
+      "gmm_score_cuda",
+      [](const py::tuple& args, int device, uintptr_t stream) {
+        const int err = fastdiff::cuda::gmm_score(gmm_score_params(args), device, stream);
+        if (err != 0) throw std::runtime_error(std::string("fastdiff gmm_score (cuda): ") + fastdiff::cuda::error_string(err));
+      },
+      "Launch gmm_score on `stream` of `device`.");
   m.def("cuda_device_count", []() -> py::tuple {
     int n = 0;
     const int err = fastdiff::cuda::device_count(&n);

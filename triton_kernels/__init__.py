@@ -4,6 +4,6 @@ Under ``TRITON_INTERPRET=1`` (set before triton is imported) they run on CPU ten
 tests them.
 """
 
-from fastdiff.triton_kernels import philox, step
+from fastdiff.triton_kernels import gmm, philox, step
 
-__all__ = ["philox", "step"]
+__all__ = ["gmm", "philox", "step"]

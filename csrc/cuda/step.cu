@@ -7,6 +7,7 @@
 
 #include <algorithm>
 
+#include "device_guard.cuh"
 #include "fastdiff/step.cuh"
 
 namespace fastdiff {
@@ -151,25 +152,6 @@ cudaError_t launch(const StepParams& p, cudaStream_t stream) {
 }
 
 }  // namespace
-
-// Makes `device` current for the launch and restores the caller's device afterwards (the caller may be
-// a torch thread with another current device).
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    err_ = cudaGetDevice(&prev_);
-    if (err_ == cudaSuccess && prev_ != device) err_ = cudaSetDevice(device);
-    else prev_ = -1;  // nothing to restore
-  }
-  ~DeviceGuard() {
-    if (prev_ >= 0) cudaSetDevice(prev_);
-  }
-  cudaError_t error() const { return err_; }
-
- private:
-  int prev_ = -1;
-  cudaError_t err_ = cudaSuccess;
-};
 
 // Returns a cudaError_t code (0 on success).
 int step(const StepParams& p, int device, uintptr_t stream) {

@@ -1,0 +1,311 @@
+// CPU (OpenMP) launchers of the Gaussian-mixture kernels (the math: fastdiff/gmm.cuh).
+//
+// gmm_noise: tasks of 4096 elements of one sample (per element / channel in chunk-major order, so that the
+// [K, D] tables' columns of a chunk are read from memory once for all samples), worked 256 at a time: the block's components (given,
+// or drawn: per element from the Philox words of the block's 64 groups, computed round by round across
+// groups so that the loop vectorises; per channel / sample once per draw), its normals (given, or
+// philox_lanes), then x = mu_k + s_k * z and the ids in one pass.
+// gmm_score: one sample row per task: K reductions over D in 16 lanes, the stable log-sum-exp, then the
+// weighted score accumulated over components in a row buffer; every row is independent of the batch.
+// Portable build: the loops are compiled for baseline x86-64, x86-64-v3 and x86-64-v4 (GCC target_clones).
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "fastdiff/gmm.cuh"
+#include "fastdiff/step.cuh"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#if defined(FASTDIFF_WITH_OPENMP)
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FD_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define FD_CLONES
+#endif
+
+namespace fastdiff {
+namespace cpu {
+namespace {
+
+constexpr int kBlock = 256;              // elements drawn at a time
+constexpr int64_t kChunk = 4096;         // elements per gmm_noise task
+constexpr int64_t kParallelMin = 32768;  // work (elements x components) below which one thread runs
+constexpr int kLanes = 16;               // reduction lanes of gmm_score
+constexpr int64_t kStreamMin = int64_t(16) << 20;  // output bytes from which stores bypass the caches
+
+// Copies a finished block to its output: with streaming (non-temporal) stores when `nt` and both ends are
+// 16-byte aligned - outputs too big for the caches then skip the read-for-ownership of every line, a
+// fifth to a third of this op's traffic - else plainly.
+FD_INLINE void put(void* dst, const void* src, size_t nbytes, bool nt) {
+#if defined(__x86_64__)
+  if (nt && reinterpret_cast<uintptr_t>(dst) % 16 == 0 && nbytes % 16 == 0) {
+    for (size_t b = 0; b < nbytes; b += 16)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(static_cast<char*>(dst) + b),
+                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const char*>(src) + b)));
+    return;
+  }
+#endif
+  std::memcpy(dst, src, nbytes);
+}
+
+FD_INLINE void stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();  // streaming stores are weakly ordered: visible before the op returns
+#endif
+}
+
+// The component uniforms of elements [b, b + kBlock) of a sample (b a multiple of 4): the Philox words of
+// their groups in DOMAIN_CATEGORICAL, round by round over structure-of-arrays counters (philox_round).
+FD_INLINE void uniform_lanes(uint64_t seed, int64_t b, uint32_t step, float (&u)[kBlock]) {
+  constexpr int G = kBlock / 4;
+  uint32_t c0[G], c1[G], c2[G], c3[G];
+  for (int g = 0; g < G; ++g) {
+    const uint64_t gi = uint64_t(b / 4 + g);
+    c0[g] = uint32_t(gi);
+    c1[g] = uint32_t(gi >> 32);
+    c2[g] = step;
+    c3[g] = kDomainCategorical;
+  }
+  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    for (int g = 0; g < G; ++g) philox_round(c0[g], c1[g], c2[g], c3[g], k0, k1);
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  for (int g = 0; g < G; ++g) {
+    u[4 * g] = uniform_open(c0[g]);
+    u[4 * g + 1] = uniform_open(c1[g]);
+    u[4 * g + 2] = uniform_open(c2[g]);
+    u[4 * g + 3] = uniform_open(c3[g]);
+  }
+}
+
+// out[j] = mu[k_j, b + j] + s[k_j, b + j] * z[j] for a block: the gathers specialised on whether the tables
+// hold rows (ROW: [K, D], `means` and `stds` then point at column b) or one value per component ([K, 1]);
+// 32-bit offsets (K * D < 2^31, checked), so that a vector gather takes 8 or 16 of them at once. ONE: the
+// block has one component, whose rows `means` and `stds` point at: straight loads, no gathers.
+template <typename T, bool ONE, bool MROW, bool SROW>
+FD_INLINE void affine_block(const float* __restrict means, int32_t md, const float* __restrict stds, int32_t sd,
+                            const int32_t* __restrict k, const float* __restrict z, int len, T* __restrict out) {
+  for (int j = 0; j < len; ++j) {
+    const float mu = means[(ONE ? 0 : k[j] * md) + (MROW ? j : 0)];
+    const float s = stds[(ONE ? 0 : k[j] * sd) + (SROW ? j : 0)];
+    out[j] = from_float<T>(gmm_affine(mu, s, z[j]));
+  }
+}
+
+template <typename T, bool ONE>
+FD_INLINE void affine_any(bool mrow, bool srow, const float* means, int32_t md, const float* stds, int32_t sd,
+                          const int32_t* k, const float* z, int len, T* out) {
+  if (mrow && srow) {
+    affine_block<T, ONE, true, true>(means, md, stds, sd, k, z, len, out);
+  } else if (mrow) {
+    affine_block<T, ONE, true, false>(means, md, stds, sd, k, z, len, out);
+  } else if (srow) {
+    affine_block<T, ONE, false, true>(means, md, stds, sd, k, z, len, out);
+  } else {
+    affine_block<T, ONE, false, false>(means, md, stds, sd, k, z, len, out);
+  }
+}
+
+// Elements [i0, i1) of sample n. Returns the number of given ids outside [0, K) (read as 0 here: the caller
+// raises, so the check costs no pass of its own over the ids). nt: streaming stores.
+template <typename T>
+FD_INLINE int64_t noise_chunk(const GmmNoiseParams& p, int64_t n, int64_t i0, int64_t i1, bool nt) {
+  const uint64_t seed = p.seeds ? uint64_t(p.seeds[n]) : 0;
+  const uint32_t step = uint32_t(p.step);
+  const int64_t group = p.group, K = p.n_comp;
+  const int64_t* ids_in = p.component_in ? p.component_in + n * p.n_draws : nullptr;
+  int64_t* ids_out = p.component_out ? p.component_out + n * p.n_draws : nullptr;
+  T* out = static_cast<T*>(p.out) + n * p.numel;
+  int64_t bad = 0;
+  const auto given = [&](int64_t v) -> int32_t {  // a given id, checked
+    const bool outside = uint64_t(v) >= uint64_t(K);
+    bad += outside;
+    return outside ? 0 : int32_t(v);
+  };
+  int64_t draw = i0 / group, at = i0 % group;  // the draw of the current element, and its place in the draw
+  int32_t k_draw = ids_in ? given(ids_in[draw]) : int32_t(draw_component(seed, draw, step, p.cdf, K));
+  for (int64_t b = i0; b < i1; b += kBlock) {
+    const int len = int(std::min<int64_t>(kBlock, i1 - b));
+    int32_t k[kBlock];
+    bool uniform = false;  // the whole block is one draw's: its table rows are read straight
+    if (group == 1 && ids_in) {
+      for (int j = 0; j < len; ++j) k[j] = given(ids_in[b + j]);
+    } else if (group == 1) {  // per element: inverse CDF of the block's uniforms, threshold by threshold
+      float u[kBlock];
+      uniform_lanes(seed, b, step, u);
+      for (int j = 0; j < kBlock; ++j) k[j] = 0;
+      for (int64_t c = 0; c + 1 < K; ++c) {
+        const float t = p.cdf[c];
+        for (int j = 0; j < kBlock; ++j) k[j] += u[j] >= t ? 1 : 0;
+      }
+      int64_t ids[kBlock];
+      for (int j = 0; j < kBlock; ++j) ids[j] = k[j];
+      put(ids_out + b, ids, len * sizeof(int64_t), nt);
+    } else {  // per channel / sample: a new draw every `group` elements, filled run by run
+      int runs = 0;
+      for (int j = 0; j < len; ++runs) {
+        if (at == group) {
+          at = 0;
+          ++draw;
+          k_draw = ids_in ? given(ids_in[draw]) : int32_t(draw_component(seed, draw, step, p.cdf, K));
+        }
+        if (at == 0 && !ids_in) ids_out[draw] = k_draw;
+        const int run = int(std::min<int64_t>(len - j, group - at));
+        for (int r = 0; r < run; ++r) k[j + r] = k_draw;
+        j += run;
+        at += run;
+      }
+      uniform = runs == 1;
+    }
+    float z[kBlock];
+    if (p.noise) {
+      const T* zin = static_cast<const T*>(p.noise) + n * p.numel + b;
+      for (int j = 0; j < len; ++j) z[j] = to_float(zin[j]);
+    } else {
+      philox_lanes<kBlock>(seed, b, step, kDomainTrain, z);
+    }
+    const bool mrow = p.means_d != 1, srow = p.stds_d != 1;
+    const float* mu = p.means + (mrow ? b : 0);
+    const float* sd = p.stds + (srow ? b : 0);
+    const int32_t md = int32_t(p.means_d), sdd = int32_t(p.stds_d);
+    T x[kBlock];
+    if (uniform) {
+      affine_any<T, true>(mrow, srow, mu + k_draw * md, md, sd + k_draw * sdd, sdd, k, z, len, x);
+    } else {
+      affine_any<T, false>(mrow, srow, mu, md, sd, sdd, k, z, len, x);
+    }
+    put(out + b, x, len * sizeof(T), nt);
+  }
+  return bad;
+}
+
+template <typename T>
+FD_INLINE int64_t noise_tasks(const GmmNoiseParams& p, int64_t t0, int64_t t1) {
+  const bool nt = p.batch * p.numel * int64_t(sizeof(T) + (p.component_out ? 8 : 0)) >= kStreamMin;
+  int64_t bad = 0;
+  // Per element / channel, chunk-major: a chunk's columns of the [K, D] tables serve every sample from cache;
+  // per sample (one table row each) sample-major: long sequential streams.
+  const bool by_chunk = p.group < p.numel;
+  const int64_t per_sample = (p.numel + kChunk - 1) / kChunk;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t n = by_chunk ? t % p.batch : t / per_sample;
+    const int64_t i0 = (by_chunk ? t / p.batch : t % per_sample) * kChunk;
+    bad += noise_chunk<T>(p, n, i0, std::min(i0 + kChunk, p.numel), nt);
+  }
+  if (nt) stream_fence();
+  return bad;
+}
+
+FD_CLONES int64_t noise_f32(const GmmNoiseParams& p, int64_t t0, int64_t t1) { return noise_tasks<float>(p, t0, t1); }
+FD_CLONES int64_t noise_f16(const GmmNoiseParams& p, int64_t t0, int64_t t1) { return noise_tasks<half_t>(p, t0, t1); }
+FD_CLONES int64_t noise_bf16(const GmmNoiseParams& p, int64_t t0, int64_t t1) {
+  return noise_tasks<bf16_t>(p, t0, t1);
+}
+
+// sum_i ((x_i - mu_i) * inv_s_i)^2 over one row, in kLanes partial sums (vector registers).
+FD_INLINE float sq_dist_row(const float* x, const float* mu, const float* inv_s, int64_t D) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= D; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += gmm_sq_dist(x[i + j], mu[i + j], inv_s[i + j]);
+  for (int j = 0; i + j < D; ++j) acc[j] += gmm_sq_dist(x[i + j], mu[i + j], inv_s[i + j]);
+  float total = 0.0f;
+  for (int j = 0; j < kLanes; ++j) total += acc[j];
+  return total;
+}
+
+// Row n: log-densities, responsibilities (in l), log p and the score.
+template <typename T>
+FD_INLINE void score_row(const GmmScoreParams& p, int64_t n, float* xf, float* sf, float* l) {
+  const int64_t D = p.numel, K = p.n_comp;
+  const T* x = static_cast<const T*>(p.x) + n * D;
+  for (int64_t i = 0; i < D; ++i) xf[i] = to_float(x[i]);
+  for (int64_t k = 0; k < K; ++k) l[k] = sq_dist_row(xf, p.means + k * D, p.inv_std + k * D, D);
+  p.log_prob[n] = gmm_responsibilities(l, l, p.log_coef, K);
+  std::fill(sf, sf + D, 0.0f);
+  for (int64_t k = 0; k < K; ++k) {
+    const float r = l[k];
+    if (r == 0.0f) continue;  // an underflowed responsibility adds exactly 0
+    const float* mu = p.means + k * D;
+    const float* iv = p.inv_std + k * D;
+    for (int64_t i = 0; i < D; ++i) sf[i] += gmm_score_term(r, xf[i], mu[i], iv[i]);
+  }
+  T* s = static_cast<T*>(p.score) + n * D;
+  for (int64_t i = 0; i < D; ++i) s[i] = from_float<T>(sf[i]);
+}
+
+template <typename T>
+FD_INLINE int64_t score_rows(const GmmScoreParams& p, int64_t n0, int64_t n1) {
+  std::vector<float> buf(size_t(2 * p.numel + p.n_comp));
+  for (int64_t n = n0; n < n1; ++n) score_row<T>(p, n, buf.data(), buf.data() + p.numel, buf.data() + 2 * p.numel);
+  return 0;
+}
+
+FD_CLONES int64_t score_f32(const GmmScoreParams& p, int64_t n0, int64_t n1) { return score_rows<float>(p, n0, n1); }
+FD_CLONES int64_t score_f16(const GmmScoreParams& p, int64_t n0, int64_t n1) { return score_rows<half_t>(p, n0, n1); }
+FD_CLONES int64_t score_bf16(const GmmScoreParams& p, int64_t n0, int64_t n1) {
+  return score_rows<bf16_t>(p, n0, n1);
+}
+
+template <typename F>
+F pick(int dtype, F f32, F f16, F bf16, const char* op) {
+  switch (dtype) {
+    case kFloat32: return f32;
+    case kFloat16: return f16;
+    case kBFloat16: return bf16;
+    default: throw std::invalid_argument(std::string(op) + ": dtype code must be 0 (f32), 1 (f16) or 2 (bf16)");
+  }
+}
+
+// Runs run(p, t0, t1) over tasks [0, total) on a thread team when the work is worth one, else here; returns
+// the sum of what the runs return.
+template <typename P>
+int64_t parallel(int64_t (*run)(const P&, int64_t, int64_t), const P& p, int64_t total, int64_t work) {
+  if (total == 0) return 0;
+#if defined(FASTDIFF_WITH_OPENMP)
+  const int threads = int(std::min<int64_t>(omp_get_max_threads(), total));
+  if (threads > 1 && work >= kParallelMin) {
+    int64_t sum = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : sum)
+    {
+      const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+      sum += run(p, total * tid / nt, total * (tid + 1) / nt);
+    }
+    return sum;
+  }
+#endif
+  return run(p, 0, total);
+}
+
+}  // namespace
+
+int64_t gmm_noise(const GmmNoiseParams& p) {
+  if (!p.out || !p.means || !p.stds || p.n_comp < 1 || p.group < 1 || p.n_draws * p.group != p.numel)
+    throw std::invalid_argument("gmm_noise: out, means, stds, n_comp >= 1 and n_draws * group == numel required");
+  if ((!p.noise || !p.component_in) && !p.seeds) throw std::invalid_argument("gmm_noise: seeds required");
+  if (!p.component_in && !p.component_out) throw std::invalid_argument("gmm_noise: component_out required");
+  if (p.n_comp * std::max(p.means_d, p.stds_d) >= (int64_t(1) << 31))
+    throw std::invalid_argument("gmm_noise: tables of 2^31 or more elements are not supported");
+  const auto run = pick(p.dtype, noise_f32, noise_f16, noise_bf16, "gmm_noise");
+  return parallel(run, p, p.batch * ((p.numel + kChunk - 1) / kChunk), p.batch * p.numel);
+}
+
+void gmm_score(const GmmScoreParams& p) {
+  if (!p.x || !p.means || !p.inv_std || !p.log_coef || !p.score || !p.log_prob || p.n_comp < 1)
+    throw std::invalid_argument("gmm_score: x, means, inv_std, log_coef, score, log_prob and n_comp >= 1 required");
+  const auto run = pick(p.dtype, score_f32, score_f16, score_bf16, "gmm_score");
+  parallel(run, p, p.batch, p.batch * p.numel * p.n_comp);
+}
+
+}  // namespace cpu
+}  // namespace fastdiff
