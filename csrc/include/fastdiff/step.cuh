@@ -213,11 +213,18 @@ FD_HD FD_INLINE void philox_lanes(uint64_t seed, int64_t i0, uint32_t step, uint
 }
 
 // z *= sqrt(max(VAR - var, 0)): the gathered component's std, clipped at 0 (Gabbur, App. A.5).
+// A whole block takes a straight loop, which a CPU compiler vectorises (no guarded load); the tail guards.
 template <int N>
 FD_HD FD_INLINE void scale_by_std(float (&z)[N], const float* var, float var_total, int n) {
   if (!var) return;
+  if (n == N) {
+    FD_UNROLL
+    for (int j = 0; j < N; ++j) z[j] *= sqrtf(clampf(var_total - var[j], 0.0f, INFINITY));
+    return;
+  }
   FD_UNROLL
-  for (int j = 0; j < N; ++j) z[j] *= sqrtf(clampf(var_total - (j < n ? var[j] : 0.0f), 0.0f, INFINITY));
+  for (int j = 0; j < N; ++j)
+    if (j < n) z[j] *= sqrtf(clampf(var_total - var[j], 0.0f, INFINITY));
 }
 
 }  // namespace fastdiff
