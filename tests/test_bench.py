@@ -1,7 +1,8 @@
 """The benchmark scripts run end to end (tiny shape, few repeats; no torch.compile rows, no Triton rows - the
 interpreter is tested elsewhere): every provider's
 output passes the harness' check against diffusers before timing (a WRONG row fails the script), and every
-solver has its fused, drop-in and diffusers rows."""
+solver has its fused, drop-in and diffusers rows; the seed methods' scripts check their fused and eager rows
+against float64 references the same way."""
 
 import json
 import subprocess
@@ -48,3 +49,19 @@ def test_bench_overhead_checks_every_drop_in(tmp_path):
     assert sorted(rows) == sorted(f"overhead_{s}_20_steps" for s in SOLVERS)
     for op, got in rows.items():
         assert set(got.values()) == {"ok"} and len(got) >= 3, (op, got)
+
+
+def test_bench_gmm_checks_every_provider(tmp_path):
+    rows = run("bench_gmm.py", tmp_path, "--op", "all", "--shape", "3x2x5x7",
+               "--providers", "fastdiff-cpu*,fastdiff-torch*,eager-torch*")
+    assert sorted(rows) == ["gmm_noise_element_k8", "gmm_score_k16"]
+    assert sum(list(got.values()).count("ok") for got in rows.values()) >= 7, rows
+
+
+def test_bench_seed_method_steps_check_their_rows(tmp_path):
+    rows = run("bench_ddm_iadb.py", tmp_path, "--shape", "1x4x8x8", "--providers", f"fastdiff-{NATIVE}*,eager-torch")
+    rows.update(run("bench_mixture.py", tmp_path, "--shapes", "1x4x8x8",
+                    "--providers", f"fastdiff-{NATIVE}*,fastdiff (scheduler*,eager-torch"))
+    assert {"ddm_step", "iadb_step", "mixddpm_noising", "ddim_gmm_step"} <= set(rows), sorted(rows)
+    for op, got in rows.items():
+        assert got[f"fastdiff-{NATIVE}"] == got["eager-torch"] == "ok", (op, got)
