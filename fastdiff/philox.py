@@ -88,16 +88,10 @@ def seed_tensor(seeds, batch: int, device=None) -> torch.Tensor:
     return seeds.to(device) if device is not None else seeds
 
 
-def randn(
-    seeds: torch.Tensor | Sequence[int] | int,
-    numel: int,
-    *,
-    step: int = 0,
-    domain: int = DOMAIN_STEP,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """The normals of (step, domain) for every sample: ``[len(seeds), numel]``, sample n keyed by seeds[n]."""
+def words(seeds: torch.Tensor | Sequence[int] | int, numel: int, *, step: int = 0, domain: int = DOMAIN_STEP,
+          device: torch.device | str | None = None) -> list[torch.Tensor]:
+    """The four Philox words of every group covering `numel` elements, for every sample: four
+    ``[len(seeds), ceil(numel/4)]`` int64 tensors (uint32 values), sample n keyed by seeds[n]."""
     if numel < 0:
         raise ValueError(f"numel: expected >= 0, got {numel}")
     seeds = check_seeds(seeds)
@@ -109,11 +103,28 @@ def randn(
     key = [(seeds & _MASK32)[:, None], ((seeds >> 32) & _MASK32)[:, None]]
     counter = [groups & _MASK32, groups >> 32, torch.tensor(step & _MASK32, device=dev),
                torch.tensor(domain & _MASK32, device=dev)]
-    w = philox4x32_10(counter, key)
+    return [w.expand(seeds.shape[0], groups.shape[0]) for w in philox4x32_10(counter, key)]
+
+
+def _per_element(w: torch.Tensor, numel: int) -> torch.Tensor:
+    """``[B, groups, 4]`` -> ``[B, numel]``: element i is entry i % 4 of group i // 4."""
+    return w.reshape(w.shape[0], w.shape[1] * 4)[:, :numel]
+
+
+def randn(
+    seeds: torch.Tensor | Sequence[int] | int,
+    numel: int,
+    *,
+    step: int = 0,
+    domain: int = DOMAIN_STEP,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The normals of (step, domain) for every sample: ``[len(seeds), numel]``, sample n keyed by seeds[n]."""
+    w = words(seeds, numel, step=step, domain=domain, device=device)
     z0, z1 = box_muller(uniform_open(w[0]), uniform_open(w[1]))
     z2, z3 = box_muller(uniform_open(w[2]), uniform_open(w[3]))
-    z = torch.stack((z0, z1, z2, z3), dim=-1).reshape(seeds.shape[0], 4 * groups.shape[0])[:, :numel]
-    return z.to(dtype)
+    return _per_element(torch.stack((z0, z1, z2, z3), dim=-1), numel).to(dtype)
 
 
 def uniform(
@@ -127,19 +138,8 @@ def uniform(
     """The uniforms in (0, 1) of (step, domain) for every sample: ``[len(seeds), numel]`` float64 (each exact
     in float32). Element i is ``u(w[i % 4])`` of Philox group ``i // 4``: the words the normals of the same
     counter would take, used here one word per element (for categorical draws, ``categorical``)."""
-    if numel < 0:
-        raise ValueError(f"numel: expected >= 0, got {numel}")
-    seeds = check_seeds(seeds)
-    if not isinstance(seeds, torch.Tensor):
-        raise TypeError(f"seeds: expected one key per sample (a sequence or 1-D tensor), got {seeds!r}")
-    dev = seeds.device if device is None else torch.device(device)
-    seeds = seeds.to(dev)
-    groups = torch.arange((numel + 3) // 4, device=dev, dtype=torch.int64)
-    key = [(seeds & _MASK32)[:, None], ((seeds >> 32) & _MASK32)[:, None]]
-    counter = [groups & _MASK32, groups >> 32, torch.tensor(step & _MASK32, device=dev),
-               torch.tensor(domain & _MASK32, device=dev)]
-    w = torch.stack(philox4x32_10(counter, key), dim=-1)
-    return uniform_open(w).reshape(seeds.shape[0], 4 * groups.shape[0])[:, :numel]
+    w = words(seeds, numel, step=step, domain=domain, device=device)
+    return _per_element(uniform_open(torch.stack(w, dim=-1)), numel)
 
 
 def categorical(u: torch.Tensor, weights: torch.Tensor | Sequence[float]) -> torch.Tensor:

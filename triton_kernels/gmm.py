@@ -76,6 +76,19 @@ def _noise_kernel(cdf_ptr, n_comp, means_ptr, means_d, stds_ptr, stds_d, noise_p
 
 
 @triton.jit
+def _score_tile(x_ptr, means_ptr, inv_std_ptr, n, D, d0, ks, kmask, BLOCK_D: tl.constexpr):
+    """Columns [d0, d0 + BLOCK_D) of row n: offsets, masks, x and the K x BLOCK_D tiles of mu and 1/s."""
+    offs = d0 + tl.arange(0, BLOCK_D)
+    m = offs < D
+    x = tl.load(x_ptr + n * D + offs, mask=m, other=0.0).to(tl.float32)
+    tile = ks[:, None] * D + offs[None, :]
+    tm = kmask[:, None] & m[None, :]
+    mu = tl.load(means_ptr + tile, mask=tm, other=0.0)
+    iv = tl.load(inv_std_ptr + tile, mask=tm, other=0.0)
+    return offs, m, tm, x, mu, iv
+
+
+@triton.jit
 def _score_kernel(x_ptr, means_ptr, inv_std_ptr, log_coef_ptr, score_ptr, lp_ptr, D, n_comp,
                   BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
@@ -83,13 +96,7 @@ def _score_kernel(x_ptr, means_ptr, inv_std_ptr, log_coef_ptr, score_ptr, lp_ptr
     kmask = ks < n_comp
     sq = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        offs = d0 + tl.arange(0, BLOCK_D)
-        m = offs < D
-        x = tl.load(x_ptr + n * D + offs, mask=m, other=0.0).to(tl.float32)
-        tile = ks[:, None] * D + offs[None, :]
-        tm = kmask[:, None] & m[None, :]
-        mu = tl.load(means_ptr + tile, mask=tm, other=0.0)
-        iv = tl.load(inv_std_ptr + tile, mask=tm, other=0.0)
+        offs, m, tm, x, mu, iv = _score_tile(x_ptr, means_ptr, inv_std_ptr, n, D, d0, ks, kmask, BLOCK_D)
         dist = (x[None, :] - mu) * iv
         sq += tl.where(tm, dist * dist, 0.0)
     l = tl.load(log_coef_ptr + ks, mask=kmask, other=float("-inf")) - 0.5 * tl.sum(sq, axis=1)  # noqa: E741
@@ -100,13 +107,7 @@ def _score_kernel(x_ptr, means_ptr, inv_std_ptr, log_coef_ptr, score_ptr, lp_ptr
     r = e / total
     tl.store(lp_ptr + n, top + tl.log(total))
     for d0 in range(0, D, BLOCK_D):
-        offs = d0 + tl.arange(0, BLOCK_D)
-        m = offs < D
-        x = tl.load(x_ptr + n * D + offs, mask=m, other=0.0).to(tl.float32)
-        tile = ks[:, None] * D + offs[None, :]
-        tm = kmask[:, None] & m[None, :]
-        mu = tl.load(means_ptr + tile, mask=tm, other=0.0)
-        iv = tl.load(inv_std_ptr + tile, mask=tm, other=0.0)
+        offs, m, tm, x, mu, iv = _score_tile(x_ptr, means_ptr, inv_std_ptr, n, D, d0, ks, kmask, BLOCK_D)
         s = tl.sum(tl.where(tm, r[:, None] * (mu - x[None, :]) * iv * iv, 0.0), axis=0)
         _store(score_ptr, n * D + offs, s, m)
 

@@ -19,11 +19,7 @@
 #include <omp.h>
 #endif
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FD_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#else
-#define FD_CLONES
-#endif
+#include "target_clones.h"
 
 namespace fastdiff {
 namespace cpu {
