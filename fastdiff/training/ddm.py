@@ -61,7 +61,9 @@ def run_forward(build, name: str, x: torch.Tensor, values, noise: torch.Tensor |
 
 def add_noise(x0: torch.Tensor, t, noise: torch.Tensor | None = None, *, seeds: torch.Tensor | None = None,
               backend: str | None = None) -> torch.Tensor:
-    """x_t = (1 - t)*x0 + sqrt(t)*noise, t one float in [0, 1] or one per sample; one fused pass."""
+    """x_t = (1 - t)*x0 + sqrt(t)*noise, t one float in [0, 1] or one per sample; one fused pass. With per-sample
+    ``seeds`` instead of `noise` the noise is drawn in the kernel: ``philox.randn(seeds, D, domain=DOMAIN_TRAIN)``
+    (step 0), which the loss's target can be recomputed from; give fresh seeds at every training iteration."""
     return run_forward(add_noise_plan, "t", x0, t, noise, seeds, backend)
 
 

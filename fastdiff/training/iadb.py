@@ -15,7 +15,8 @@ REDUCTIONS = ("sum", "mean")
 def add_noise(x1: torch.Tensor, alpha, x0: torch.Tensor | None = None, *, seeds: torch.Tensor | None = None,
               backend: str | None = None) -> torch.Tensor:
     """x_a = alpha*x1 + (1 - alpha)*x0: data x1, noise x0 given or drawn in the kernel from per-sample
-    ``seeds``; alpha one float in [0, 1] or one per sample. One fused pass."""
+    ``seeds`` (``philox.randn(seeds, D, domain=DOMAIN_TRAIN)``, step 0: fresh seeds at every training iteration);
+    alpha one float in [0, 1] or one per sample. One fused pass."""
     return run_forward(add_noise_plan, "alpha", x1, alpha, x0, seeds, backend)
 
 
