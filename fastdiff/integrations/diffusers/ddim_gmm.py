@@ -114,7 +114,10 @@ class DDIMGMMScheduler(FastDDIMScheduler):
         if self.config.offset_scale == 0:
             return super().step(model_output, timestep, sample, eta, use_clipped_model_output, generator,
                                 variance_noise, return_dict, seeds, guidance_scale)
-        if self._offsets is None or self._offsets[0] != sample[0].numel():
+        if self._offsets is None or self._offsets[0] != math.prod(sample.shape[1:]):
+            if torch.compiler.is_compiling():  # a seeded SVD on the host: not traceable
+                raise RuntimeError(f"DDIMGMMScheduler: call set_offsets({tuple(sample.shape)}) before compiling "
+                                   f"step (the offset tables are built on the host, once per run)")
             self.set_offsets(sample.shape)
         k = draw_step_components(self, self._pi, sample, timestep, generator, seeds)
         delta, var = self._tables(sample.device)

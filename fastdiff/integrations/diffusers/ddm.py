@@ -72,12 +72,22 @@ class FloatGridRun(FastSchedulerMixin):
         return self._next
 
     def _call_index(self, timestep) -> int:
-        """The model call of `timestep` (checked against the grid)."""
+        """The model call of `timestep` (checked against the grid). Under ``torch.compile`` the timestep is not
+        read (that would be a host sync and a graph break): calls are taken in the run's order, from
+        ``begin_index`` or 0, as diffusers' step-indexed schedulers do."""
         if self._grid is None:
             raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
                              "the scheduler")
-        t, grid = host_float("timestep", timestep), self._grid
-        i = self._next
+        grid, i = self._grid, self._next
+        if torch.compiler.is_compiling():
+            if i is None:
+                i = 0
+                self._stepper.reset(i)
+            if i >= len(grid):
+                raise ValueError(f"step: the run has {len(grid)} model calls and all were taken; call set_timesteps "
+                                 f"for a new run")
+            return i
+        t = host_float("timestep", timestep)
         if i is None:
             where = np.flatnonzero(np.isclose(grid, t, rtol=1e-6, atol=1e-7))
             if not len(where):

@@ -61,14 +61,19 @@ class _Mixture:
         return mix.with_offset(base, mix.offset_coefficient(self._abar[t], abar_prev))
 
     def _means_on(self, device, dtype=torch.float64) -> torch.Tensor:
-        return self._plan(("mixddpm means",), lambda: _OnDevice(self._means)).on(device, dtype)
+        """The mixture means on `device`: one copy per device and dtype, kept (no plan: a constant of the
+        scheduler, so that a compiled first step finds it)."""
+        if getattr(self, "_means_dev", None) is None:
+            self._means_dev = _OnDevice(self._means)
+        return self._means_dev.on(device, dtype)
 
     def _offset_step(self, step, sample, timestep, generator, seeds, *args):
         """``step(*args)`` (the parent's step), with the ``standard`` strategy's offset[n] = mu_{k_n}/sqrt(D)."""
         if self.config.strategy != "standard":
             return step(*args)
         k = draw_step_components(self, self._weights, sample, timestep, generator, seeds)
-        self._stepper.pending = {"offset": (self._means_on(sample.device)[k] / math.sqrt(sample[0].numel())).float()}
+        D = math.prod(sample.shape[1:])
+        self._stepper.pending = {"offset": (self._means_on(sample.device)[k] / math.sqrt(D)).float()}
         try:
             return step(*args)
         finally:
@@ -87,7 +92,7 @@ class _Mixture:
         k = mix.draw_components(self._weights, B, T, generator=generator, seeds=seeds, device=device)
         G = self._plan(("mixddpm offset weights",), lambda: _OnDevice(mix.offset_weights(self._abar)))
         offset = mix.global_offset(G.on(device, torch.float32), k, t % T, self._means_on(device, torch.float32),
-                                   x[0].numel())
+                                   math.prod(x.shape[1:]))
         dtype = torch.promote_types(x.dtype, noise.dtype)
         row, rows = self._timestep_row(timesteps, device)
         plan = self._plan(("mixddpm q_sample",), lambda: mix.q_sample_plan(self._abar))

@@ -1,0 +1,83 @@
+"""The seed methods' schedulers as a demanding user drives them: empty batches over several steps, odd and
+non-contiguous shapes (equal to the same contiguous run), low-precision storage kept, and
+``torch.compile(step, fullgraph=True)`` equal to eager with per-sample seeds. Each scheduler's math is tested
+against its oracle in its own file (test_ddim_gmm.py, test_mixddpm.py, test_ddm.py, test_iadb.py)."""
+
+import pytest
+import torch
+
+from fastdiff.integrations.diffusers import (
+    DDIMGMMScheduler,
+    DDMScheduler,
+    IADBScheduler,
+    MixDDIMScheduler,
+    MixDDPMScheduler,
+)
+
+SCHEDULERS = {
+    "ddim_gmm": (lambda: DDIMGMMScheduler(offset_scale=0.5), {"eta": 1.0}),
+    "mixddpm_standard": (lambda: MixDDPMScheduler(strategy="standard"), {}),
+    "mixddim_standard": (lambda: MixDDIMScheduler(strategy="standard"), {"eta": 1.0}),
+    "ddm": (lambda: DDMScheduler(), {}),
+    "ddm_heun": (lambda: DDMScheduler(sampler="heun"), {}),
+    "iadb_dpmsolver": (lambda: IADBScheduler(solver="dpmsolver++"), {}),
+}
+
+
+def model_output(name, x, t):
+    g = torch.Generator().manual_seed(int(float(t) * 1000) + 7)
+    out = torch.randn(x.shape, generator=g).to(x.dtype)
+    if name.startswith("ddm"):
+        return (0.3 * out, out)
+    return out
+
+
+def trajectory(name, x, steps=4, step=None, eager_plans=True):
+    make, kw = SCHEDULERS[name]
+    kw = kw if eager_plans else {}  # a plan for eta > 0 is built at the first eager step, eta = 0 in set_timesteps
+    s = make()
+    s.set_timesteps(steps)
+    if isinstance(s, DDIMGMMScheduler):
+        s.set_offsets(x.shape)
+    call = step(s) if step is not None else s.step
+    seeds = list(range(1, x.shape[0] + 1))
+    for t in s.timesteps:
+        x = call(model_output(name, x, t), t, x, seeds=seeds, **kw).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_empty_batch_runs_every_step(name):
+    out = trajectory(name, torch.randn(0, 4, 8, 8))
+    assert out.shape == (0, 4, 8, 8)
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_non_contiguous_odd_shape_equals_the_contiguous_run(name):
+    x = torch.randn(3, 5, 7, 3).permute(0, 3, 1, 2)  # [3, 3, 5, 7], not contiguous
+    assert not x.is_contiguous()
+    torch.testing.assert_close(trajectory(name, x), trajectory(name, x.contiguous()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_storage_is_kept(name, dtype):
+    out = trajectory(name, torch.randn(2, 4, 8, 8).to(dtype))
+    assert out.dtype == dtype and bool(torch.isfinite(out).all())
+
+
+@pytest.mark.parametrize("name", ["ddim_gmm", "mixddpm_standard", "ddm", "iadb_dpmsolver"])
+def test_compiled_step_equals_eager(name):
+    torch._dynamo.reset()
+    x = torch.randn(2, 4, 8, 8)
+    compiled = trajectory(name, x, steps=2, step=lambda s: torch.compile(s.step, fullgraph=True), eager_plans=False)
+    torch.testing.assert_close(compiled, trajectory(name, x, steps=2, eager_plans=False), rtol=0, atol=0)
+
+
+def test_ddim_gmm_offsets_must_exist_before_compiling():
+    torch._dynamo.reset()
+    s = DDIMGMMScheduler()
+    s.set_timesteps(4)
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.raises(Exception, match=r"call set_offsets\(\(2, 4, 8, 8\)\) before compiling"):
+        torch.compile(s.step, fullgraph=True)(torch.randn_like(x), s.timesteps[0], x)
