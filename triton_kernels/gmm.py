@@ -113,7 +113,7 @@ def _score_kernel(x_ptr, means_ptr, inv_std_ptr, log_coef_ptr, score_ptr, lp_ptr
 
 
 def noise(a, cdf, x, ids) -> None:
-    """Run validated ``fastdiff.ops.gmm.NoiseArgs`` writing x ``[B, D]`` and the drawn ids (or None)."""
+    """Run validated ``fastdiff.ops.gmm_args.NoiseArgs`` writing x ``[B, D]`` and the drawn ids (or None)."""
     D, dummy = a.numel, a.means
     for b0 in range(0, a.batch, _MAX_GRID_Y):
         b1 = min(a.batch, b0 + _MAX_GRID_Y)
