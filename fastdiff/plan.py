@@ -22,7 +22,7 @@ from fastdiff import layout as L
 #   x0       a data prediction handed back to the caller (diffusers' pred_original_sample)
 #   history  a data prediction kept for later rows: it becomes history slot m0 of the next step
 #   x_last   a sample kept for the next step's x_last (UniPC's corrected sample)
-ROLES = ("x", "x0", "history", "x_last")
+ROLES = ("x", "x0", "history", "x_last", "noise")
 
 
 @dataclass(frozen=True)

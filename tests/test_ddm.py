@@ -236,6 +236,11 @@ def test_add_noise(backend):
     got = training.add_noise(x0, t, seeds=seeds, backend=backend)
     want = (1 - t.double()).view(-1, 1, 1, 1) * x0.double() + t.double().sqrt().view(-1, 1, 1, 1) * z
     assert_close(got, want, atol=2e-6, rtol=2e-6, what="in-kernel training noise")
+    got, noise_out = training.add_noise(x0, t, seeds=seeds, backend=backend, return_noise=True)
+    assert_close(got, want, atol=2e-6, rtol=2e-6, what="x_t beside its noise")
+    assert_close(noise_out, z, atol=2e-6, rtol=2e-6, what="the noise written by the same pass")
+    with pytest.raises(ValueError, match="return_noise: only with seeds"):
+        training.add_noise(x0, t, noise, return_noise=True)
 
 
 def test_loss_closed_form():

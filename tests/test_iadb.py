@@ -121,6 +121,9 @@ def test_add_noise_blends(backend):
     z = philox.randn(seeds, math.prod(SHAPE[1:]), domain=philox.DOMAIN_TRAIN).reshape(SHAPE).double()
     assert_close(training.add_noise(x1, 0.4, seeds=seeds, backend=backend), paper.blend(x1.double(), z, 0.4),
                  atol=2e-6, rtol=2e-6, what="in-kernel noise")
+    x_a, x0_out = training.add_noise(x1, 0.4, seeds=seeds, backend=backend, return_noise=True)
+    assert_close(x0_out, z, atol=2e-6, rtol=2e-6, what="the noise x0 written by the same pass")
+    assert_close(x_a, paper.blend(x1.double(), z, 0.4), atol=2e-6, rtol=2e-6, what="x_a beside its noise")
 
 
 def test_loss_closed_form():

@@ -148,9 +148,10 @@ def ddm_grid(num_inference_steps: int, *, sampler: str = "stochastic", denoise: 
     return t, second
 
 
-def add_noise_plan(t, row_label: str = "timestep") -> Plan:
-    """The forward process x_t = (1 - t)*x0 + sqrt(t)*noise, one row per entry of t."""
+def add_noise_plan(t, row_label: str = "timestep", with_noise: bool = False) -> Plan:
+    """The forward process x_t = (1 - t)*x0 + sqrt(t)*noise, one row per entry of t (`with_noise`: the noise
+    is a second output)."""
     t = np.asarray(t, np.float64)
     if np.any(~((t >= 0) & (t <= 1))):
         raise ValueError(f"t: expected values in [0, 1], got {t.ravel()[:8].tolist()}")
-    return q_sample_plan(1.0 - t, np.sqrt(t), row_label=row_label)
+    return q_sample_plan(1.0 - t, np.sqrt(t), row_label=row_label, with_noise=with_noise)

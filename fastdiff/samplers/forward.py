@@ -15,10 +15,12 @@ from fastdiff.plan import Plan
 from fastdiff.samplers.kit import X, Z, plan
 
 
-def q_sample_plan(alpha, sigma, row_label: str = "timestep") -> Plan:
-    """x_t = alpha*x0 + sigma*eps, one row per entry of alpha/sigma."""
+def q_sample_plan(alpha, sigma, row_label: str = "timestep", with_noise: bool = False) -> Plan:
+    """x_t = alpha*x0 + sigma*eps, one row per entry of alpha/sigma; `with_noise`: eps is a second output (the
+    training target of noise drawn in the kernel, written by the same pass)."""
     alpha, sigma = np.asarray(alpha, np.float64), np.asarray(sigma, np.float64)
-    return plan("q_sample", outputs={"x": alpha * X + sigma * Z}, row_label=row_label)
+    outputs = {"x": alpha * X + sigma * Z, **({"noise": 1.0 * Z} if with_noise else {})}
+    return plan("q_sample", outputs=outputs, rows=np.broadcast_shapes(alpha.shape, sigma.shape), row_label=row_label)
 
 
 def velocity_plan(alpha, sigma, row_label: str = "timestep") -> Plan:

@@ -56,10 +56,11 @@ def iadb_plan(alphas, guidance=None) -> Plan:
     return plan("iadb", outputs={"x": X + (a[1:] - a[:-1]) * E0}, guidance=guidance, rows=(len(a) - 1,))
 
 
-def add_noise_plan(alpha, row_label: str = "timestep") -> Plan:
-    """The blend x_a = alpha*x1 + (1 - alpha)*x0 (x: data x1, z: noise x0), one row per alpha."""
+def add_noise_plan(alpha, row_label: str = "timestep", with_noise: bool = False) -> Plan:
+    """The blend x_a = alpha*x1 + (1 - alpha)*x0 (x: data x1, z: noise x0), one row per alpha (`with_noise`: the
+    noise x0 is a second output)."""
     a = np.asarray(alpha, np.float64)
-    return q_sample_plan(a, 1.0 - a, row_label=row_label)
+    return q_sample_plan(a, 1.0 - a, row_label=row_label, with_noise=with_noise)
 
 
 def negate_output(p: Plan) -> Plan:

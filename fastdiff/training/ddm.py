@@ -41,13 +41,16 @@ def per_sample(name: str, values, batch: int, lo: float = 0.0, hi: float = 1.0) 
 
 
 def run_forward(build, name: str, x: torch.Tensor, values, noise: torch.Tensor | None = None,
-                seeds: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+                seeds: torch.Tensor | None = None, backend: str | None = None, return_noise: bool = False):
     """One fused forward pass ``build(values)`` (a plan whose rows read X and Z), a row per sample: noise
-    given, or drawn in the kernel from per-sample ``seeds`` (Philox domain DOMAIN_TRAIN, step 0)."""
+    given, or drawn in the kernel from per-sample ``seeds`` (Philox domain DOMAIN_TRAIN, step 0).
+    `return_noise` (seeds only): ``(x_t, noise)``, the noise written by the same pass (the loss's target)."""
     if (noise is None) == (seeds is None):
         raise ValueError("noise, seeds: pass exactly one (a noise tensor like x, or [B] int64 seeds)")
+    if return_noise and seeds is None:
+        raise ValueError("return_noise: only with seeds (given noise is already the caller's)")
     v = per_sample(name, values, x.shape[0])
-    plan = build(v)
+    plan = build(v, with_noise=return_noise)
     if noise is not None:
         if noise.shape != x.shape:
             raise ValueError(f"noise: expected shape {tuple(x.shape)} (like x), got {tuple(noise.shape)}")
@@ -55,16 +58,18 @@ def run_forward(build, name: str, x: torch.Tensor, values, noise: torch.Tensor |
         x, noise = x.to(dtype), noise.to(dtype)
     coef = plan.coef(x.device, torch.float64 if x.dtype == torch.float64 else torch.float32)
     rows = torch.arange(x.shape[0], device=x.device) if v.size > 1 else None
-    (out,) = ops.step(coef, x, noise=noise, seeds=seeds, noise_domain=DOMAIN_TRAIN, rows=rows, backend=backend)
-    return out
+    outs = ops.step(coef, x, noise=noise, seeds=seeds, noise_domain=DOMAIN_TRAIN, rows=rows,
+                    n_out=len(plan.outputs), backend=backend)
+    return tuple(outs) if return_noise else outs[0]
 
 
 def add_noise(x0: torch.Tensor, t, noise: torch.Tensor | None = None, *, seeds: torch.Tensor | None = None,
-              backend: str | None = None) -> torch.Tensor:
+              backend: str | None = None, return_noise: bool = False):
     """x_t = (1 - t)*x0 + sqrt(t)*noise, t one float in [0, 1] or one per sample; one fused pass. With per-sample
     ``seeds`` instead of `noise` the noise is drawn in the kernel: ``philox.randn(seeds, D, domain=DOMAIN_TRAIN)``
-    (step 0), which the loss's target can be recomputed from; give fresh seeds at every training iteration."""
-    return run_forward(add_noise_plan, "t", x0, t, noise, seeds, backend)
+    (step 0); give fresh seeds at every training iteration. ``return_noise=True`` (with seeds): ``(x_t, noise)``,
+    both written by the one pass - the loss's target without a second draw."""
+    return run_forward(add_noise_plan, "t", x0, t, noise, seeds, backend, return_noise)
 
 
 def sample_t(batch: int, generator: torch.Generator | None = None, t_min: float = 1e-4) -> torch.Tensor:

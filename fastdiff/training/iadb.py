@@ -13,11 +13,12 @@ REDUCTIONS = ("sum", "mean")
 
 
 def add_noise(x1: torch.Tensor, alpha, x0: torch.Tensor | None = None, *, seeds: torch.Tensor | None = None,
-              backend: str | None = None) -> torch.Tensor:
+              backend: str | None = None, return_noise: bool = False):
     """x_a = alpha*x1 + (1 - alpha)*x0: data x1, noise x0 given or drawn in the kernel from per-sample
     ``seeds`` (``philox.randn(seeds, D, domain=DOMAIN_TRAIN)``, step 0: fresh seeds at every training iteration);
-    alpha one float in [0, 1] or one per sample. One fused pass."""
-    return run_forward(add_noise_plan, "alpha", x1, alpha, x0, seeds, backend)
+    alpha one float in [0, 1] or one per sample. One fused pass; ``return_noise=True`` (with seeds) gives
+    ``(x_a, x0)``, the noise written by the same pass (the loss's target x1 - x0 needs it)."""
+    return run_forward(add_noise_plan, "alpha", x1, alpha, x0, seeds, backend, return_noise)
 
 
 def iadb_loss(D: torch.Tensor, x1: torch.Tensor, x0: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
