@@ -18,7 +18,7 @@ from fastdiff.integrations.diffusers.mixddpm import MixDDIMScheduler, MixDDPMSch
 from fastdiff.reference import mixddpm as paper
 from fastdiff.samplers import mixddpm as mix
 from fastdiff.stepper import Stepper
-from fastdiff.training.mixddpm import mixddpm_loss
+from fastdiff.training.mixddpm import mixddpm_loss, mixddpm_noising
 
 MEANS = torch.tensor(mix.MEANS, dtype=torch.float64)
 WEIGHTS = torch.tensor(mix.WEIGHTS, dtype=torch.float64)
@@ -225,6 +225,23 @@ def test_loss_helper():
     m = paper.mixture_offset(contract_components(seeds, 1000, 0), t, s.betas.double(), MEANS, 32)
     x_t = paper.q_sample(x0.double(), t, eps.double(), s.alphas_cumprod.double(), m).float()
     assert abs(float(got) - float(torch.mean((eps - net(x_t, t)) ** 2))) < 1e-6
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_seeded_noising_writes_x_t_and_its_noise_in_one_pass(backend):
+    """With seeds, the kernel draws eps (Philox DOMAIN_TRAIN, the torch reference's numbers) and writes it beside
+    x_t, which equals the reference noising with that eps and the contract's components."""
+    require_backend(backend)
+    s = MixDDPMScheduler()
+    s.backend = backend
+    seeds, t = philox.sample_seeds(12, 3), torch.tensor([0, 420, 999])
+    x0 = torch.randn(3, 2, 5, 7, generator=torch.Generator().manual_seed(8))
+    x_t, eps = mixddpm_noising(s, x0, t, seeds=seeds)
+    want_eps = philox.randn(seeds, 70, domain=philox.DOMAIN_TRAIN, dtype=torch.float64).reshape(x0.shape)
+    assert_close(eps, want_eps, atol=2e-6, rtol=2e-6, what="in-kernel eps")
+    m = paper.mixture_offset(contract_components(seeds, 1000, 0), t, s.betas.double(), MEANS, 70)
+    want = paper.q_sample(x0.double(), t, want_eps, s.alphas_cumprod.double(), m)
+    assert_close(x_t, want, atol=4e-6, rtol=4e-6, what="x_t")
 
 
 @pytest.mark.parametrize("kw,match", [

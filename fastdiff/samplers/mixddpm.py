@@ -112,12 +112,12 @@ def global_offset(weights_table: torch.Tensor, components: torch.Tensor, t: torc
     return (torch.linalg.vecdot(weights_table[t], means[components]) / math.sqrt(numel)).to(torch.float32)
 
 
-def q_sample_plan(alphas_cumprod) -> Plan:
+def q_sample_plan(alphas_cumprod, with_noise: bool = False) -> Plan:
     """x_t = sqrt(abar_t)*x0 + sqrt(1 - abar_t)*eps + offset[n], one row per training timestep (offset[n] is
-    m_n(t) of sample n, ``global_offset``)."""
+    m_n(t) of sample n, ``global_offset``); `with_noise`: eps is a second output (drawn in the kernel)."""
     abar = np.asarray(alphas_cumprod, np.float64)
-    return plan("mixddpm q_sample", outputs={"x": np.sqrt(abar) * X + np.sqrt(1.0 - abar) * Z + OFFSET},
-                rows=abar.shape, row_label="timestep")
+    outputs = {"x": np.sqrt(abar) * X + np.sqrt(1.0 - abar) * Z + OFFSET, **({"noise": 1.0 * Z} if with_noise else {})}
+    return plan("mixddpm q_sample", outputs=outputs, rows=abar.shape, row_label="timestep")
 
 
 def offset_coefficient(abar_t, abar_prev) -> np.ndarray:

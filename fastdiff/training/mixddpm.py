@@ -6,25 +6,20 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
-
-from fastdiff import philox
 
 
 def mixddpm_noising(scheduler, x0: torch.Tensor, timesteps, *, generator=None, seeds=None):
-    """(x_t, eps) for a ``MixDDPMScheduler``: eps from `generator` (``randn_tensor``, as diffusers) or from
-    per-sample `seeds` (Philox DOMAIN_TRAIN, step 0), then the fused Mix-DDPM noising (its categorical draws
-    from the same generator or seeds)."""
+    """(x_t, eps) for a ``MixDDPMScheduler``: with per-sample `seeds`, one fused pass draws eps in the kernel
+    (Philox DOMAIN_TRAIN, step 0) and writes x_t and eps (``add_seeded_noise``); with a `generator`, eps by
+    ``randn_tensor`` (as diffusers), then the fused Mix-DDPM noising. The categorical draws come from the same
+    seeds or generator."""
     if seeds is not None:
-        s = philox.seed_tensor(philox.check_seeds(seeds), x0.shape[0], x0.device)
-        eps = philox.randn(s, math.prod(x0.shape[1:]), domain=philox.DOMAIN_TRAIN).reshape(x0.shape).to(x0.dtype)
-    else:
-        from diffusers.utils.torch_utils import randn_tensor
+        return scheduler.add_seeded_noise(x0, timesteps, seeds)
+    from diffusers.utils.torch_utils import randn_tensor
 
-        eps = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    return scheduler.add_noise(x0, eps, timesteps, generator=generator, seeds=seeds), eps
+    eps = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    return scheduler.add_noise(x0, eps, timesteps, generator=generator), eps
 
 
 def mixddpm_loss(model, scheduler, x0: torch.Tensor, timesteps, *, generator=None, seeds=None) -> torch.Tensor:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
 
-from fastdiff import philox
+from fastdiff import ops, philox
 from fastdiff.integrations.diffusers.ddim import FastDDIMScheduler
 from fastdiff.integrations.diffusers.ddpm import FastDDPMScheduler
 from fastdiff.integrations.diffusers.tables import draw_step_components, use_table_stepper
@@ -79,12 +79,10 @@ class _Mixture:
         finally:
             self._stepper.pending = None
 
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps, generator=None,
-                  seeds=None) -> torch.Tensor:
-        """x_t = sqrt(abar_t)*x0 + sqrt(1 - abar_t)*noise + m_n(t), per-sample timesteps too; the components
-        k(n, i), i = 0..T-1, from per-sample `seeds` (Philox step 0) or `generator`."""
+    def _global_offset(self, x: torch.Tensor, timesteps, generator, seeds) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m_n(t) ``[B]`` float32, the per-sample seeds or None): the components k(n, i), i = 0..T-1, from
+        per-sample `seeds` (Philox step 0) or `generator`, reduced on the device."""
         self._check_fresh()
-        x = original_samples
         B, T, device = x.shape[0], self._T, x.device
         t = torch.as_tensor(timesteps, device=device).to(torch.int64).reshape(-1).expand(B)
         if seeds is not None:
@@ -93,12 +91,33 @@ class _Mixture:
         G = self._plan(("mixddpm offset weights",), lambda: _OnDevice(mix.offset_weights(self._abar)))
         offset = mix.global_offset(G.on(device, torch.float32), k, t % T, self._means_on(device, torch.float32),
                                    math.prod(x.shape[1:]))
+        return offset, seeds
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps, generator=None,
+                  seeds=None) -> torch.Tensor:
+        """x_t = sqrt(abar_t)*x0 + sqrt(1 - abar_t)*noise + m_n(t), per-sample timesteps too; the components
+        k(n, i), i = 0..T-1, from per-sample `seeds` (Philox step 0) or `generator`."""
+        x = original_samples
+        offset, _ = self._global_offset(x, timesteps, generator, seeds)
         dtype = torch.promote_types(x.dtype, noise.dtype)
-        row, rows = self._timestep_row(timesteps, device)
+        row, rows = self._timestep_row(timesteps, x.device)
         plan = self._plan(("mixddpm q_sample",), lambda: mix.q_sample_plan(self._abar))
         (out,) = self._stepper.step(x.to(dtype), noise=noise.to(dtype), plan=plan, row=row, rows=rows,
                                     advance=False, offset=offset)
         return out
+
+    def add_seeded_noise(self, original_samples: torch.Tensor, timesteps, seeds) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, eps) in one fused pass: eps drawn in the kernel from per-sample `seeds` (Philox DOMAIN_TRAIN,
+        step 0: ``philox.randn(seeds, D, domain=DOMAIN_TRAIN)``) and written beside x_t (the training target);
+        the components from the same seeds, as ``add_noise``."""
+        x = original_samples
+        offset, seeds = self._global_offset(x, timesteps, None, seeds)
+        row, rows = self._timestep_row(timesteps, x.device)
+        plan = self._plan(("mixddpm q_sample noise",), lambda: mix.q_sample_plan(self._abar, with_noise=True))
+        coef = plan.coef(x.device, torch.float64 if x.dtype == torch.float64 else torch.float32)
+        x_t, eps = ops.step(coef, x, seeds=seeds, noise_domain=philox.DOMAIN_TRAIN, row=row, rows=rows,
+                            offset=offset, n_out=2, backend=self.backend)
+        return x_t, eps
 
     def initial_sample(self, shape, generator=None, seeds=None, device=None, dtype=torch.float32) -> torch.Tensor:
         """x_T of this scheduler's strategy (``fastdiff.samplers.mixddpm.initial_sample``)."""
