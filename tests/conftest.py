@@ -61,3 +61,11 @@ def assert_close(actual, expected, *, atol, rtol, what="", equal_nan=False):
         raise AssertionError(f"{what}: mismatch at {idx}: got {a[idx].item():.8g}, expected {e[idx].item():.8g} "
                              f"(|diff| {err[idx].item():.3g} > tol {tol[idx].item():.3g}); "
                              f"max |diff| {err.max().item():.3g}, {int((err > tol).sum())} of {err.numel()} off")
+
+
+def assert_accuracy_rule(got, naive, want, what=""):
+    """The low-precision accuracy rule (docs/architecture.md, Contracts): the error of `got` against the
+    higher-precision oracle `want` is at most 2x that of `naive`, the same computation run in the storage dtype."""
+    err = (got.double().cpu() - want.double().cpu()).abs().max().item()
+    err_naive = (naive.double().cpu() - want.double().cpu()).abs().max().item()
+    assert err <= 2 * err_naive, f"{what}: error {err:.3g} vs the same computation in the storage dtype {err_naive:.3g}"

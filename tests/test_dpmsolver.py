@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import CPU_BACKENDS, DEVICE_BACKENDS, DEVICES, assert_close, require_backend
+from conftest import CPU_BACKENDS, DEVICE_BACKENDS, DEVICES, assert_accuracy_rule, assert_close, require_backend
 from diffusers import DEISMultistepScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 from fastdiff import oracle
@@ -279,8 +279,7 @@ def test_low_precision_trajectory_accuracy_rule(backend, dtype, config):
     fast.backend = backend
     got = trajectory(fast, x.to(dtype), 10, noises=[n.to(dtype) for n in noises])
     assert got[-1].dtype == dtype
-    err, err_naive = max_err(got[-1:], want[-1:]), max_err(naive[-1:], want[-1:])
-    assert err <= 2 * err_naive, f"{backend} {dtype}: error {err:.3g} vs diffusers in {dtype} {err_naive:.3g}"
+    assert_accuracy_rule(got[-1], naive[-1], want[-1], what=f"{backend} {dtype}")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -13,7 +13,7 @@ import diffusers.schedulers.scheduling_euler_discrete as d_euler
 import numpy as np
 import pytest
 import torch
-from conftest import CPU_BACKENDS, DEVICE_BACKENDS, DEVICES, assert_close, require_backend
+from conftest import CPU_BACKENDS, DEVICE_BACKENDS, DEVICES, assert_accuracy_rule, assert_close, require_backend
 from diffusers import (
     DDIMScheduler,
     EulerAncestralDiscreteScheduler,
@@ -253,9 +253,7 @@ def test_low_precision_accuracy_rule(backend, dtype, family):
     fast.backend = backend
     got, _ = trajectory(fast, x.to(dtype), 10, step_kw, seed)
     assert got[-1].dtype == dtype
-    err = (got[-1].double() - want[-1].double()).abs().max().item()
-    err_naive = (naive[-1].double() - want[-1].double()).abs().max().item()
-    assert err <= 2 * err_naive, f"{family} {backend} {dtype}: error {err:.3g} vs diffusers in {dtype} {err_naive:.3g}"
+    assert_accuracy_rule(got[-1], naive[-1], want[-1], what=f"{family} {backend} {dtype}")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -10,7 +10,7 @@ import diffusers.schedulers.scheduling_lcm as diffusers_lcm
 import noise_capture
 import pytest
 import torch
-from conftest import CPU_BACKENDS, DEVICE_BACKENDS, DEVICES, assert_close, require_backend
+from conftest import CPU_BACKENDS, DEVICE_BACKENDS, DEVICES, assert_accuracy_rule, assert_close, require_backend
 from diffusers import DDIMScheduler, LCMScheduler
 from test_ddim import check_trajectory
 
@@ -132,9 +132,7 @@ def test_low_precision_accuracy_rule(backend, dtype):
     fast.backend = backend
     got, _ = trajectory(fast, x.to(dtype), dict(num_inference_steps=4), seeds=seeds)
     assert got[-1].dtype == dtype
-    err = (got[-1].double() - want[-1].double()).abs().max().item()
-    err_naive = (naive[-1].double() - want[-1].double()).abs().max().item()
-    assert err <= 2 * err_naive, f"{backend} {dtype}: error {err:.3g} vs diffusers in {dtype} {err_naive:.3g}"
+    assert_accuracy_rule(got[-1], naive[-1], want[-1], what=f"{backend} {dtype}")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

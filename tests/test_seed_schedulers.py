@@ -81,3 +81,19 @@ def test_ddim_gmm_offsets_must_exist_before_compiling():
     x = torch.randn(2, 4, 8, 8)
     with pytest.raises(Exception, match=r"call set_offsets\(\(2, 4, 8, 8\)\) before compiling"):
         torch.compile(s.step, fullgraph=True)(torch.randn_like(x), s.timesteps[0], x)
+
+
+@pytest.mark.parametrize("make", [DDMScheduler, IADBScheduler])
+def test_a_device_timestep_is_read_only_at_the_run_start(make):
+    """After the first call (which finds where the run starts), a timestep on a device is not read on the host
+    (no sync per step): a 'meta' tensor, which cannot be read at all, stands in for a CUDA one."""
+    s = make()
+    s.set_timesteps(3)
+    x = torch.randn(2, 4, 8, 8)
+    out = (0.3 * x, x) if make is DDMScheduler else x
+    x = s.step(out, s.timesteps[0], x, seeds=[1, 2]).prev_sample
+    for t in s.timesteps[1:]:
+        x = s.step(out, t.to("meta"), x, seeds=[1, 2]).prev_sample
+    assert bool(torch.isfinite(x).all())
+    with pytest.raises(ValueError, match="all were taken"):
+        s.step(out, s.timesteps[-1].to("meta"), x)

@@ -10,7 +10,7 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from conftest import CPU_BACKENDS, DEVICE_BACKENDS, assert_close, require_backend
+from conftest import CPU_BACKENDS, DEVICE_BACKENDS, assert_accuracy_rule, assert_close, require_backend
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 from fastdiff.integrations.diffusers.base import MAX_PLANS
@@ -349,8 +349,7 @@ def test_low_precision_accuracy_rule(backend, dtype):
     fast.backend = backend
     got = trajectory(fast, x.to(dtype), model=model)[-1]
     assert got.dtype == dtype
-    err, err_naive = ((t.double() - want.double()).abs().max().item() for t in (got, naive))
-    assert err <= 2 * err_naive, f"{backend} {dtype}: error {err:.3g} vs diffusers in {dtype} {err_naive:.3g}"
+    assert_accuracy_rule(got, naive, want, what=f"{backend} {dtype}")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -72,33 +72,34 @@ class FloatGridRun(FastSchedulerMixin):
         return self._next
 
     def _call_index(self, timestep) -> int:
-        """The model call of `timestep` (checked against the grid). Under ``torch.compile`` the timestep is not
-        read (that would be a host sync and a graph break): calls are taken in the run's order, from
-        ``begin_index`` or 0, as diffusers' step-indexed schedulers do."""
+        """The model call of `timestep`, checked against the grid. A device timestep is read once, at the first
+        call of a run (to find where it starts); later calls take the run's order without reading it (no host
+        sync per step), as diffusers' step-indexed schedulers do. Under ``torch.compile`` it is never read
+        (a sync and a graph break): calls start at ``begin_index`` or 0."""
         if self._grid is None:
             raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
                              "the scheduler")
         grid, i = self._grid, self._next
-        if torch.compiler.is_compiling():
-            if i is None:
-                i = 0
-                self._stepper.reset(i)
-            if i >= len(grid):
-                raise ValueError(f"step: the run has {len(grid)} model calls and all were taken; call set_timesteps "
-                                 f"for a new run")
-            return i
-        t = host_float("timestep", timestep)
-        if i is None:
+        compiling = torch.compiler.is_compiling()
+        if i is None and compiling:
+            i = 0
+            self._stepper.reset(i)
+        elif i is None:  # the run's first call: find where it starts
+            t = host_float("timestep", timestep)
             where = np.flatnonzero(np.isclose(grid, t, rtol=1e-6, atol=1e-7))
             if not len(where):
                 raise ValueError(f"timestep: {t} is not on this run's grid {grid.round(6).tolist()}"[:300])
             i = self._start_index(where)
             self._stepper.reset(i)
-        elif i >= len(grid):
+            return i
+        if i >= len(grid):
             raise ValueError(f"step: the run has {len(grid)} model calls and all were taken; call set_timesteps for "
                              f"a new run")
-        elif not abs(self._grid_list[i] - t) <= 1e-7 + 1e-6 * abs(t):  # np.isclose's rule, in Python floats
-            raise ValueError(f"timestep: model call {i} of the run is at {grid[i]:.6g}, got {t}")
+        on_device = isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu"
+        if not (compiling or on_device):
+            t = host_float("timestep", timestep)
+            if not abs(self._grid_list[i] - t) <= 1e-7 + 1e-6 * abs(t):  # np.isclose's rule, in Python floats
+                raise ValueError(f"timestep: model call {i} of the run is at {grid[i]:.6g}, got {t}")
         return i
 
     def _start_index(self, where: np.ndarray) -> int:
