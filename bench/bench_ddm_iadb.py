@@ -8,7 +8,9 @@ Default: tensors of shape (16, 4, 256, 256) fp32 on CPU; DDM at t = 0.5, s = 0.1
 alpha' = 0.5 + 1/128. The DDM rows get one noise tensor z (fused, eager, torch.compile), and the ``(seeds)``
 rows draw it in the kernel (checked against the reference given the same Philox noise). The eager and
 torch.compile rows run the paper-shaped references (``fastdiff.reference.ddm`` / ``.iadb``): the seed
-code's way. The speed-up column is against torch.compile. Every output is checked before timing.
+code's way; their ``(own noise)`` rows draw it inside (``torch.randn_like``; compiled: inductor's RNG), and
+the ``(seeds)`` rows' speed-up is against that compiled row, the others' against torch.compile given the
+noise. Every output is checked before timing.
 
     python bench/bench_ddm_iadb.py [--shape 16x4x256x256] [--dtype fp32] [--ops ddm,iadb] [--providers ...]
 """
@@ -33,7 +35,7 @@ T, S = 0.5, 0.1                 # DDM step t -> t - s
 ALPHA, ALPHA_NEXT = 0.5, 0.5 + 1 / 128
 
 
-def _fused(plan, inputs: dict, device, nbytes: int, backend: str, expected=None) -> Bench:
+def _fused(plan, inputs: dict, device, nbytes: int, backend: str, expected=None, baseline=None) -> Bench:
     """fastdiff.ops.step on row 0 of `plan`, output 0 only, into a preallocated buffer."""
     from fastdiff import backends, ops
 
@@ -43,19 +45,28 @@ def _fused(plan, inputs: dict, device, nbytes: int, backend: str, expected=None)
     kw = plan.step_args(0, device)
     kw["n_out"] = 1
     buf = torch.empty_like(inputs["x"])
-    return Bench(lambda: ops.step(out=[buf], backend=backend, **inputs, **kw)[0], nbytes, expected=expected)
+    return Bench(lambda: ops.step(out=[buf], backend=backend, **inputs, **kw)[0], nbytes, expected=expected,
+                 baseline=baseline)
 
 
 def _providers(plan, inputs: dict, seeded: dict | None, reference, ref_args: tuple, device, nbytes: int,
                seed_bytes: int, seed_expected) -> list:
+    """The fused step per backend, eager and compiled reference given the noise (the last of `ref_args`); with
+    `seeded`, also the step drawing its noise: in the kernel (``(seeds)``, against the compiled reference
+    drawing its own, ``(own noise)``)."""
+    own = "torch.compile (own noise)"
     rows = []
     for b in ("cpu", "cuda", "triton", "torch"):
         rows.append(Provider(f"fastdiff-{b}", functools.partial(_fused, plan, inputs, device, nbytes, b)))
         if seeded is not None and b != "torch":
             rows.append(Provider(f"fastdiff-{b} (seeds)", functools.partial(_fused, plan, seeded, device, seed_bytes,
-                                                                            b, seed_expected)))
+                                                                            b, seed_expected, own)))
     rows += [Provider("eager-torch", lambda: Bench(lambda: reference(*ref_args), nbytes)),
              Provider("torch.compile", lambda: harness.compile_bench(reference, ref_args, nbytes, device))]
+    if seeded is not None:
+        rows += [Provider(name, functools.partial(harness.drawing_bench, reference, ref_args[:-1], len(ref_args) - 1,
+                                                  seed_bytes, device, compiled))
+                 for name, compiled in (("eager-torch (own noise)", False), (own, True))]
     return rows
 
 

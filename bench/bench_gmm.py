@@ -7,7 +7,8 @@ providers; the harness times and reports.
 ``--op noise`` (default shape 16x4x256x256, ``--per element``): the fused op drawing in the kernel
 (``(seeds)``) and given the draws (``(given draws)``); eager torch the seed code's way (torch.multinomial +
 gather + torch.randn); torch.compile of the reference given the draws, and of the reference drawing with
-Philox in torch (``(seeds)``). Seeded rows are checked against the float64 formula on the Philox contract's
+Philox in torch (``(seeds)``: the fused seeded rows' speed-up is against that one, the other rows' against
+``torch.compile (given draws)``). Seeded rows are checked against the float64 formula on the Philox contract's
 draws, the other rows against it on the given draws; the eager row's own random draws are checked through
 the same code on the given draws, then timed with its own.
 
@@ -87,7 +88,8 @@ def noise_providers(args, shape, dtype, device):
         kw = dict(noise=z.view(shape), component=ids.view(ids_shape)) if given else dict(seeds=seeds)
         return Bench(lambda: ops.gmm_noise(w, mu, s, shape, per=args.per, dtype=dtype, backend=backend, **kw)[0],
                      out_bytes + (x_bytes + ids_bytes if given else 0),
-                     expected=expected_given if given else expected_seeds)
+                     expected=expected_given if given else expected_seeds,
+                     baseline=None if given else "torch.compile (seeds)")
 
     def eager_way(z, ids):
         """The seed code's way after its draws: gather the component rows, then mu + s*z."""

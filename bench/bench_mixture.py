@@ -11,7 +11,10 @@
 Providers: fastdiff-{cpu,cuda,triton,torch} (the fused step with the method's plan; DDIM-GMM also ``(seeds)``:
 its noise drawn in the kernel, checked against the reference given that Philox noise), eager-torch and
 torch.compile of the paper-shaped reference (``fastdiff.reference.mixddpm`` / ``ddim_gmm``; eager is the seed
-code's way). Speed-ups are against torch.compile. Every output is checked before timing.
+code's way). Speed-ups are against torch.compile given the same draws, except for the rows that draw their
+noise: the fused ``(seeds)`` step and ``MixDDPMScheduler.add_seeded_noise`` (x_t and eps, the training target,
+in one pass) are against ``torch.compile (own noise)``, the reference drawing it by ``torch.randn_like``
+(inductor's RNG; eager: ``eager-torch (own noise)``). Every output is checked before timing.
 
     python bench/bench_mixture.py [--ops mixddpm_noising,ddim_gmm_step] [--shapes 16x4x256x256,1x4x64x64]
 """
@@ -81,13 +84,28 @@ def noising(args, shape, dtype, device) -> int:
         kk = mix.draw_components(mix.WEIGHTS, B, T_TRAIN, seeds=seeds, device=device)
         return Bench(lambda: s.add_noise(x0, eps, t, seeds=seeds), 3 * n, expected=reference(x0, t, eps, kk))
 
+    def seeded_noise() -> Bench:
+        """The training noising drawing eps too: x_t and eps written in one pass (eps drawn in the kernel)."""
+        from fastdiff.integrations.diffusers.mixddpm import MixDDPMScheduler
+
+        s, seeds = MixDDPMScheduler(), philox.sample_seeds(0, B).to(device)
+        kk = mix.draw_components(mix.WEIGHTS, B, T_TRAIN, seeds=seeds, device=device)
+        ee = philox.randn(seeds.cpu(), D, domain=philox.DOMAIN_TRAIN).reshape(shape).to(device, dtype)
+        return Bench(lambda: s.add_seeded_noise(x0, t, seeds)[0], 3 * n, expected=reference(x0, t, ee, kk),
+                     baseline="torch.compile (own noise)")
+
     providers = [Provider(f"fastdiff-{b}", functools.partial(fused_provider, b, device, fused, 3 * n))
                  for b in ("cpu", "cuda", "triton", "torch")]
     providers += [
         Provider("fastdiff (scheduler, seeds)", scheduler),
         Provider("eager-torch", lambda: Bench(lambda: reference(x0, t, eps, k), 3 * n)),
         Provider("torch.compile", lambda: harness.compile_bench(reference, (x0, t, eps, k), 3 * n, device)),
+        # the noising drawing its eps (the training target, returned too): in the kernel, or by randn_like
+        Provider("fastdiff (scheduler, add_seeded_noise)", seeded_noise),
     ]
+    providers += [Provider(f"{name} (own noise)", functools.partial(harness.drawing_bench, reference, (x0, t, k), 2,
+                                                                    3 * n, device, compiled, True))
+                  for name, compiled in (("eager-torch", False), ("torch.compile", True))]
     return harness.run("mixddpm_noising", args, providers, expected)
 
 
@@ -130,6 +148,7 @@ def gmm_step(args, shape, dtype, device) -> int:
     def with_seeds(backend) -> Bench:
         """In-kernel Philox noise (no z read), checked against the reference given that same noise."""
         b = fused_provider(backend, device, fused_seeds, n * 3)
+        b.baseline = "torch.compile (own noise)"
         z_philox = philox.randn(seeds, D, step=0).reshape(shape).to(device, dtype)
         b.expected = reference(*(a.double() if a.is_floating_point() else a
                                  for a in (x, eps, z_philox, k, delta, var))).to(dtype)
@@ -138,12 +157,16 @@ def gmm_step(args, shape, dtype, device) -> int:
     nbytes = n * (3 + noisy)
     providers = [Provider(f"fastdiff-{b}", functools.partial(fused_provider, b, device, fused, nbytes))
                  for b in ("cpu", "cuda", "triton", "torch")]
-    if noisy:
-        providers += [Provider(f"fastdiff-{b} (seeds)", functools.partial(with_seeds, b)) for b in ("cpu", "cuda")]
     providers += [
         Provider("eager-torch", lambda: Bench(lambda: reference(*args_ref), nbytes)),
         Provider("torch.compile", lambda: harness.compile_bench(reference, args_ref, nbytes, device)),
     ]
+    if noisy:  # the step drawing its noise: in the kernel (seeds), or as the seed code does (randn_like)
+        providers += [Provider(f"fastdiff-{b} (seeds)", functools.partial(with_seeds, b)) for b in ("cpu", "cuda")]
+        own = (x, eps, k, delta, var)
+        providers += [Provider(f"{name} (own noise)", functools.partial(harness.drawing_bench, reference, own, 2,
+                                                                        n * 3, device, compiled))
+                      for name, compiled in (("eager-torch", False), ("torch.compile", True))]
     return harness.run("ddim_gmm_step", args, providers, expected)
 
 

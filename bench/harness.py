@@ -48,6 +48,7 @@ class Bench:
     note: str = ""
     steps: int = 1                          # steps per fn() call (a whole trajectory): times are per step
     tol: float | None = None                # max rel err allowed (default: TOL of the dtype, for one step)
+    baseline: str | None = None             # the row this one's speed-up is against (default: the run's)
 
 
 @dataclass
@@ -148,6 +149,33 @@ def compile_bench(fn: Callable[..., Any], args: Sequence[Any], nbytes: int, devi
     """``fn(*args)`` under ``compile_fn``; the first call's time is compile_s."""
     cfn, compile_s = compile_fn(fn, args, device)
     return Bench(lambda: cfn(*args), nbytes, compile_s=compile_s)
+
+
+def drawing_bench(fn: Callable[..., Any], args: Sequence[Any], noise_at: int, nbytes: int, device: torch.device,
+                  compiled: bool, returns_noise: bool = False) -> Bench:
+    """``fn`` drawing its own standard normals (``torch.randn_like(args[0])``, passed as argument `noise_at`),
+    eager or under ``compile_fn`` (inductor's own RNG): a stochastic step as its user writes it, the row to put a
+    fused op drawing its noise in the kernel against. `returns_noise`: ``(fn(...), noise)``, as a training
+    step needs its target. The output cannot be compared element by element with another draw's, so it is
+    checked here: a variant that also returns its noise must equal `fn` in float64 on that noise."""
+    def draw(*a):
+        z = torch.randn_like(a[0])
+        return fn(*a[:noise_at], z, *a[noise_at:]), z
+
+    def timed(*a):
+        return draw(*a) if returns_noise else draw(*a)[0]
+
+    checked = compile_fn(draw, args, device)[0] if compiled else draw
+    out, z = checked(*args)
+    wide = [v.double() if torch.is_tensor(v) and v.is_floating_point() else v for v in args]
+    ref = fn(*wide[:noise_at], z.double(), *wide[noise_at:])
+    out, ref = (out[0], ref[0]) if isinstance(out, tuple) else (out, ref)
+    err = _rel_err(out, ref)
+    if not err <= TOL[out.dtype]:
+        raise Skip(f"WRONG: max rel err {err:.2e} on the noise it drew, not timed")
+    run, compile_s = (compile_fn(timed, args, device) if compiled else (timed, None))
+    note = f"noise drawn inside ({'inductor' if compiled else 'torch'} RNG), checked on it: max rel err {err:.1e}"
+    return Bench(lambda: (run(*args), None)[1], nbytes, compile_s=compile_s, note=note)
 
 
 def _git() -> dict[str, Any]:
@@ -269,10 +297,13 @@ def run(op: str, args: argparse.Namespace, providers: Sequence[Provider], expect
         row["gbps"] = b.nbytes / (row["median_ms"] * 1e-3) / 1e9
         row["copy_pct"] = 100 * row["gbps"] / copy_bw
         print(f"  {row['provider']}: {_time(row['median_ms'])}", file=sys.stderr)
-    base = next((r for r in rows if r["provider"] == args.baseline and r["status"] == "ok"), None)
+    ok = {r["provider"]: r for r in rows if r["status"] == "ok"}
     for r in rows:
-        if base is not None and r["status"] == "ok":
-            r["speedup"], r["baseline"] = base["median_ms"] / r["median_ms"], args.baseline
+        name = (benches[r["provider"]].baseline or args.baseline) if r["status"] == "ok" else None
+        if name in ok:
+            r["speedup"], r["baseline"] = ok[name]["median_ms"] / r["median_ms"], name
+            if name != args.baseline:
+                r["note"] = "; ".join(v for v in (r["note"], f"x vs {name}") if v)
     print(table(rows, args.baseline))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -147,9 +147,27 @@ def categorical(u: torch.Tensor, weights: torch.Tensor | Sequence[float]) -> tor
     (int64), where ``cdf`` is the cumulative sum of `weights` in float64 rounded to float32 - the values
     the kernels compare against, so every backend draws the same components. The last component takes
     everything from ``cdf[K-2]`` up (no dependence on the rounding of the total)."""
-    w = torch.as_tensor(weights, dtype=torch.float64)
-    cdf = torch.cumsum(w, 0)[:-1].to(torch.float32).to(torch.float64).to(u.device)
-    return (u[..., None] >= cdf).sum(-1)
+    return (u[..., None] >= _thresholds(weights, u.device)).sum(-1)
+
+
+_CDFS: dict = {}  # (weights as floats, device) -> thresholds: a sampler draws from the same weights every step
+
+
+def _thresholds(weights, device) -> torch.Tensor:
+    """``categorical``'s float64 ``[K - 1]`` thresholds on `device`; cached for weights given on the host."""
+    def build(w):
+        w = torch.as_tensor(w, dtype=torch.float64)
+        return torch.cumsum(w, 0)[:-1].to(torch.float32).to(torch.float64).to(device)
+
+    if torch.compiler.is_compiling() or (isinstance(weights, torch.Tensor) and weights.device.type != "cpu"):
+        return build(weights)
+    key = (tuple(float(v) for v in (weights.tolist() if hasattr(weights, "tolist") else weights)), device)
+    cdf = _CDFS.get(key)
+    if cdf is None:
+        if len(_CDFS) > 64:
+            _CDFS.clear()
+        cdf = _CDFS[key] = build(key[0])
+    return cdf
 
 
 def _splitmix64(v: int) -> int:

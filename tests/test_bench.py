@@ -59,9 +59,13 @@ def test_bench_gmm_checks_every_provider(tmp_path):
 
 
 def test_bench_seed_method_steps_check_their_rows(tmp_path):
-    rows = run("bench_ddm_iadb.py", tmp_path, "--shape", "1x4x8x8", "--providers", f"fastdiff-{NATIVE}*,eager-torch")
+    rows = run("bench_ddm_iadb.py", tmp_path, "--shape", "1x4x8x8", "--providers", f"fastdiff-{NATIVE}*,eager-torch*")
     rows.update(run("bench_mixture.py", tmp_path, "--shapes", "1x4x8x8",
-                    "--providers", f"fastdiff-{NATIVE}*,fastdiff (scheduler*,eager-torch"))
+                    "--providers", f"fastdiff-{NATIVE}*,fastdiff (scheduler*,eager-torch*"))
     assert {"ddm_step", "iadb_step", "mixddpm_noising", "ddim_gmm_step"} <= set(rows), sorted(rows)
     for op, got in rows.items():
         assert got[f"fastdiff-{NATIVE}"] == got["eager-torch"] == "ok", (op, got)
+    for op in ("ddm_step", "mixddpm_noising", "ddim_gmm_step"):  # the steps drawing their noise, checked on it
+        assert rows[op]["eager-torch (own noise)"] == "ok", (op, rows[op])
+    assert rows["mixddpm_noising"]["fastdiff (scheduler, add_seeded_noise)"] == "ok"
+    assert rows["ddim_gmm_step"][f"fastdiff-{NATIVE} (seeds)"] == rows["ddm_step"][f"fastdiff-{NATIVE} (seeds)"] == "ok"

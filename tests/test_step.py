@@ -7,7 +7,7 @@ under opcheck and torch.compile."""
 import pytest
 import torch
 from cases import CONFIGS, SHAPES, make_case, oracle, to_device
-from conftest import DEVICE_BACKENDS, assert_close, require_backend
+from conftest import DEVICE_BACKENDS, DEVICES, assert_close, require_backend
 
 from fastdiff import layout as L
 from fastdiff import ops
@@ -288,3 +288,43 @@ def test_torch_compile_fullgraph_validates_as_eager():
     assert_close(compiled(coef, x, e[0]), f(coef, x, e[0]), atol=1e-6, rtol=1e-6, what="compiled")
     with pytest.raises(Exception, match=r"e\[0\] must have shape"):  # the fake kernel checks as eager does
         compiled(coef, x, e[0][:, :2])
+
+
+@pytest.mark.parametrize("device,backend", DEVICES)
+def test_a_kind_of_call_seen_before_is_still_checked(device, backend):
+    """The native backends remember a validated kind of call (which terms, shapes, the plan) and then only
+    check each call's tensors. Every per-call tensor is read anew (new values of x, the guided outputs,
+    rows, offset, component and tables give the oracle's outputs), and what the first call would have
+    refused is still refused, with validate's message."""
+    require_backend(backend, device)
+    first = make_case(CONFIGS["everything"], (3, 2, 5, 7), rows="per-sample", device=device)
+    ops.step(**first, backend=backend)
+    for seed in (1, 2):
+        kw = {**make_case(CONFIGS["everything"], (3, 2, 5, 7), rows="per-sample", seed=seed, device=device),
+              "coef": first["coef"]}
+        for k, (a, b) in enumerate(zip(ops.step(**kw, backend=backend), oracle(kw))):
+            assert_close(a, b, atol=2e-5, rtol=2e-5, what=f"seed {seed} out{k}")
+    kw = first
+    B, K = 3, kw["delta_table"].shape[0]
+    on = dict(device=device)
+    cases = [
+        (dict(component=torch.tensor([0, K, 1], **on)), "component must lie in"),
+        (dict(component=torch.tensor([0, 1], **on)), "component must have shape"),
+        (dict(component=kw["component"].int()), "component must have dtype"),
+        (dict(rows=torch.tensor([0, 1, 9], **on)), "rows must lie in"),
+        (dict(rows=torch.tensor([0, 1], **on)), "rows must have 1 or 3"),
+        (dict(offset=kw["offset"].double()), "offset must have dtype"),
+        (dict(offset=torch.zeros(B + 1, **on)), "offset must have shape"),
+        (dict(var_table=kw["var_table"][:2]), "must have the same K"),
+        (dict(delta_table=kw["delta_table"][..., :4]), "delta_table must have shape"),
+        (dict(e_uncond=kw["e_uncond"][:1]), "e_uncond must pair"),
+        (dict(e_uncond=[kw["e_uncond"][0][:, :1], kw["e_uncond"][1]]), r"e_uncond\[0\] must have shape"),
+    ]
+    if device != "cpu":  # on a device the kernel reads the row and component numbers (no host sync)
+        cases = [c for c in cases if "must lie in" not in c[1]]
+    for change, msg in cases:
+        with pytest.raises((ValueError, TypeError), match=msg):
+            ops.step(**{**kw, **change}, backend=backend)
+    strided = torch.stack([kw["component"], kw["component"]], 1)[:, 0]  # same values, not contiguous
+    for a, b in zip(ops.step(**{**kw, "component": strided}, backend=backend), oracle(kw)):
+        assert_close(a, b, atol=2e-5, rtol=2e-5, what="strided component")

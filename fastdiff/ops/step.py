@@ -26,15 +26,19 @@ __all__ = ["StepArgs", "native_args", "reference_outputs", "run", "step", "step_
 
 class _Signature:
     """What one kind of call fixes, found valid by ``validate`` once: its plan table (at that version),
-    the inputs' size, dtype and device, which terms come (``flags``) and the backend's launcher. Later
-    calls of the kind check only their tensors against it; ``pack`` (generated for the kind, by field
-    name) then builds the native parameters with everything else baked in."""
+    the inputs' size, dtype and device, which terms come (``flags``), the shapes of the per-sample
+    vectors and tables, and the backend's launcher. Later calls of the kind check only their tensors
+    against it; ``pack`` (generated for the kind, by field name) then builds the native parameters with
+    everything else baked in."""
 
-    __slots__ = ("coef", "version", "rows", "flags", "size", "dtype", "device", "pack", "launch")
+    __slots__ = ("coef", "version", "rows", "flags", "size", "dtype", "device", "rows_len", "tables", "pack",
+                 "launch")
 
     def __init__(self, a: StepArgs, backend: str, flags: tuple):
         self.coef, self.version, self.rows = weakref.ref(a.coef), a.coef._version, a.coef.shape[0]
         self.flags, self.size, self.dtype, self.device = flags, torch.Size(a.shape), a.dtype, a.device
+        self.rows_len = None if a.rows is None else a.rows.shape[0]
+        self.tables = tuple(None if t is None else t.shape for t in (a.delta_table, a.var_table))
         self.pack = self.launch = None
         if backend in ("cpu", "cuda") and a.batch and a.numel:
             self.pack = _make_pack(native_args(a, [None] * a.n_out), a)
@@ -45,20 +49,50 @@ class _Signature:
         return (self.coef() is coef and self.version == coef._version and -self.rows <= row < self.rows
                 and flags == self.flags and x.shape == self.size and x.dtype == self.dtype and x.device == self.device)
 
+    def vectors_match(self, rows, offset, component, delta_table, var_table) -> bool:
+        """Whether the per-sample vectors and the tables (those the flags say come) have this kind's shapes,
+        dtypes and device, contiguous; on the CPU also that the row and component numbers are in range (a
+        read of a few host ints; on a device the kernel reads them, as ``validate`` leaves them)."""
+        B, device, T = self.size[0], self.device, torch.Tensor
+        for t, n, dtype in ((rows, self.rows_len, torch.int64), (offset, B, torch.float32),
+                            (component, B, torch.int64)):
+            if t is not None and (type(t) is not T or t.shape != (n,) or t.dtype != dtype or t.device != device
+                                  or not t.is_contiguous()):
+                return False
+        for t, shape in zip((delta_table, var_table), self.tables):
+            if t is not None and (type(t) is not T or t.shape != shape or t.dtype != torch.float32
+                                  or t.device != device or not t.is_contiguous()):
+                return False
+        if device.type == "cpu":
+            if rows is not None and n_out_of(rows.tolist(), -self.rows, self.rows):
+                return False
+            K = (self.tables[0] or self.tables[1] or (None,))[0]
+            if component is not None and K is not None and n_out_of(component.tolist(), 0, K):
+                return False
+        return True
+
+
+def n_out_of(values: list, lo: int, hi: int) -> bool:
+    """Whether any of `values` lies outside [lo, hi) (the call then goes to ``validate``, which names it)."""
+    return bool(values) and (min(values) < lo or max(values) >= hi)
+
 
 def _make_pack(template: tuple, a: StepArgs):
-    """``pack(x, e, m, x_last, noise, seeds, row, noise_step, noise_domain, out)`` -> the native parameters
-    of a call like `a`: the per-call fields read off the arguments by name, the rest the template's."""
+    """``pack(x, e, eu, m, x_last, noise, seeds, row, noise_step, noise_domain, out, rows, offset, component,
+    delta_table, var_table)`` -> the native parameters of a call like `a`: the per-call fields read off the
+    arguments by name, the rest the template's."""
     per_call = {"x": "x.data_ptr()", "row": "row", "noise_step": "noise_step & 0xFFFFFFFF",
                 "noise_domain": "noise_domain & 0xFFFFFFFF"}
     per_call.update({f"e{i}": f"e[{i}].data_ptr()" for i in range(len(a.e))})
+    per_call.update({f"eu{i}": f"eu[{i}].data_ptr()" for i in range(len(a.e_uncond or ()))})
     per_call.update({f"m{i}": f"m[{i}].data_ptr()" for i in range(len(a.m))})
     per_call.update({f"out{k}": f"out[{k}].data_ptr()" for k in range(a.n_out)})
-    for name in ("x_last", "noise", "seeds"):
+    for name in ("x_last", "noise", "seeds", "rows", "offset", "component", "delta_table", "var_table"):
         if getattr(a, name) is not None:
             per_call[name] = f"{name}.data_ptr()"
     fields = ", ".join(per_call.get(f, repr(v)) for f, v in zip(L.STEP_FIELDS, template))
-    src = f"def pack(x, e, m, x_last, noise, seeds, row, noise_step, noise_domain, out):\n    return ({fields},)\n"
+    src = ("def pack(x, e, eu, m, x_last, noise, seeds, row, noise_step, noise_domain, out, rows, offset, component,"
+           f" delta_table, var_table):\n    return ({fields},)\n")
     scope: dict = {}
     exec(compile(src, "<fastdiff step pack>", "exec"), scope)
     return scope["pack"]
@@ -69,14 +103,16 @@ def _make_pack(template: tuple, a: StepArgs):
 _SIGNATURES: dict[tuple, _Signature] = {}
 
 
-def _plain_inputs(x, e, m, x_last, noise, seeds, grad: bool) -> bool:
+def _plain_inputs(x, e, eu, m, x_last, noise, seeds, grad: bool) -> bool:
     """Whether x and every batch-shaped input are contiguous tensors of one shape, dtype and device, none
     requiring grad (and seeds a [B] int64 tensor there): the inputs of a plain call."""
     T = torch.Tensor
     if type(x) is not T or not x.is_contiguous() or (grad and x.requires_grad):
         return False
     size, dtype, device = x.shape, x.dtype, x.device
-    for t in (*e, *m, x_last, noise):
+    if eu is not None and (type(eu) not in (list, tuple) or len(eu) != len(e)):
+        return False
+    for t in (*e, *(eu or ()), *m, x_last, noise):
         if t is not None and (type(t) is not T or t.shape != size or t.dtype != dtype or t.device != device
                               or not t.is_contiguous() or (grad and t.requires_grad)):
             return False
@@ -107,12 +143,14 @@ def _plain_out(out, n_out: int, x: torch.Tensor, inputs) -> bool:
     return True
 
 
-def _run_signature(sig: _Signature, x, e, m, x_last, row, noise, seeds, noise_step, noise_domain, out, n_out):
+def _run_signature(sig: _Signature, x, e, eu, m, x_last, row, noise, seeds, noise_step, noise_domain, out, n_out,
+                   rows, offset, component, delta_table, var_table):
     """A call of a known kind: outputs allocated (or the checked `out`), then one native launch."""
     if out is None:
         out = (torch.empty_like(x),) if n_out == 1 else (torch.empty_like(x), torch.empty_like(x)) \
             if n_out == 2 else (torch.empty_like(x), torch.empty_like(x), torch.empty_like(x))
-    sig.launch(sig.pack(x, e, m, x_last, noise, seeds, row, noise_step, noise_domain, out))
+    sig.launch(sig.pack(x, e, eu, m, x_last, noise, seeds, row, noise_step, noise_domain, out, rows, offset, component,
+                        delta_table, var_table))
     return tuple(out)
 
 
@@ -315,18 +353,20 @@ def step_positional(coef, x, e: list, e_uncond, m: list, x_last, row, rows, offs
                     var_table, noise, seeds, noise_step, noise_domain, clamp, n_out, shape, out, backend):
     """``step`` with every argument in order, e and m as lists: what ``fastdiff.stepper`` calls every step
     (keyword passing costs ~1 us of a ~12 us step at small sizes)."""
-    plain = (e_uncond is None and rows is None and offset is None and component is None and delta_table is None
-             and var_table is None and shape is None and type(row) is int and len(e) <= 2 and len(m) <= 3
+    plain = (shape is None and type(row) is int and len(e) <= 2 and len(m) <= 3
              and not torch.compiler.is_compiling())
     if plain:
         grad = torch.is_grad_enabled()
         flags = (len(e), len(m), x_last is not None, noise is not None, seeds is not None, bool(clamp), n_out,
-                 backend or forced_backend())
+                 backend or forced_backend(), e_uncond is not None, rows is not None, offset is not None,
+                 component is not None, delta_table is not None, var_table is not None)
         sig = _SIGNATURES.get((id(coef), flags))
         if (sig is not None and sig.pack is not None and type(x) is torch.Tensor and sig.matches(coef, x, row, flags)
-                and _plain_inputs(x, e, m, x_last, noise, seeds, grad)
-                and (out is None or _plain_out(out, n_out, x, (*e, *m, x_last, noise)))):
-            return _run_signature(sig, x, e, m, x_last, row, noise, seeds, noise_step, noise_domain, out, n_out)
+                and _plain_inputs(x, e, e_uncond, m, x_last, noise, seeds, grad)
+                and sig.vectors_match(rows, offset, component, delta_table, var_table)
+                and (out is None or _plain_out(out, n_out, x, (*e, *(e_uncond or ()), *m, x_last, noise)))):
+            return _run_signature(sig, x, e, e_uncond, m, x_last, row, noise, seeds, noise_step, noise_domain, out,
+                                  n_out, rows, offset, component, delta_table, var_table)
     if torch.compiler.is_compiling():
         grads = [x, *e, *(e_uncond or ()), *m, x_last, noise]
         if not needs_reference(getattr(x, "dtype", torch.float32), grads):
@@ -340,7 +380,7 @@ def step_positional(coef, x, e: list, e_uncond, m: list, x_last, row, rows, offs
                  noise_step, noise_domain, clamp, n_out, shape, values=not torch.compiler.is_compiling())
     result = _execute(a, out, backend)
     if (plain and a.dtype != torch.float64 and a.coef.dtype == torch.float32
-            and _plain_inputs(x, e, m, x_last, noise, seeds, grad)):
+            and _plain_inputs(x, e, e_uncond, m, x_last, noise, seeds, grad)):
         if len(_SIGNATURES) >= 64:
             _SIGNATURES.clear()
         _SIGNATURES[(id(coef), flags)] = _Signature(a, backends.choose(a.device, backend), flags)

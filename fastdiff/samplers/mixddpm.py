@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from fastdiff import layout as L
-from fastdiff import philox
+from fastdiff import ops, philox
 from fastdiff.plan import Plan
 from fastdiff.samplers.ddim import ddim_plan
 from fastdiff.samplers.kit import OFFSET, X, Z, plan
@@ -83,15 +83,42 @@ def check_strategy(strategy: str) -> None:
 
 def draw_components(weights, batch: int, n: int, *, generator=None, seeds=None, step: int = 0,
                     device=None) -> torch.Tensor:
-    """``[batch, n]`` int64 categorical draws from `weights`: inverse CDF (``philox.categorical``) of per-sample
-    Philox uniforms of (step, DOMAIN_CATEGORICAL) when `seeds` (``[batch]`` int64) are given, else of
+    """``[batch, n]`` int64 categorical draws from `weights` (rounded to float32): inverse CDF
+    (``philox.categorical``) of per-sample Philox uniforms of (step, DOMAIN_CATEGORICAL) when `seeds` (``[batch]``
+    int64) are given - in one ``ops.gmm_noise`` call where it can take them, the same draws -, else of
     ``torch.rand`` uniforms from `generator` (the default generator when None)."""
     if seeds is not None:
+        unit = _unit_mixture(weights, seeds, device)
+        if unit is not None:  # the draws alone, in one native call: gmm_noise's ids (the same contract)
+            return ops.gmm_noise(*unit, (batch, n), per="element", seeds=seeds, step=step)[1]
         u = philox.uniform(seeds, n, step=step, domain=philox.DOMAIN_CATEGORICAL, device=device)
     else:
         gen_device = generator.device if generator is not None else "cpu"
         u = torch.rand((batch, n), generator=generator, device=gen_device, dtype=torch.float32).to(device)
-    return philox.categorical(u, weights)
+    return philox.categorical(u, torch.as_tensor(weights, dtype=torch.float32))  # as gmm_noise rounds them
+
+
+_UNITS: dict = {}  # (weights, device) -> gmm_noise's (weights, means 0, stds 1) on the device
+
+
+def _unit_mixture(weights, seeds, device):
+    """``ops.gmm_noise``'s mixture arguments for drawing components from host `weights` with `seeds` (a
+    ``[B]`` int64 tensor) on `device`; None where that op cannot take them (weights on a device, seeds not a
+    tensor there, or while torch.compile traces: inductor fuses that path), and the caller draws through
+    ``philox.uniform`` + ``philox.categorical`` instead."""
+    if torch.compiler.is_compiling():
+        return None
+    device = torch.device(device) if device is not None else getattr(seeds, "device", None)
+    if (not isinstance(seeds, torch.Tensor) or seeds.device != device or seeds.dtype != torch.int64
+            or (isinstance(weights, torch.Tensor) and weights.device.type != "cpu")):
+        return None
+    key = (tuple(float(w) for w in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)), device)
+    unit = _UNITS.get(key)
+    if unit is None:
+        K = len(key[0])
+        unit = _UNITS[key] = (torch.tensor(key[0], dtype=torch.float64, device=device),
+                              torch.zeros(K, 1, device=device), torch.ones(K, 1, device=device))
+    return unit
 
 
 def offset_weights(alphas_cumprod) -> np.ndarray:
