@@ -9,8 +9,9 @@ alpha' = 0.5 + 1/128. The DDM rows get one noise tensor z (fused, eager, torch.c
 rows draw it in the kernel (checked against the reference given the same Philox noise). The eager and
 torch.compile rows run the paper-shaped references (``fastdiff.reference.ddm`` / ``.iadb``): the seed
 code's way; their ``(own noise)`` rows draw it inside (``torch.randn_like``; compiled: inductor's RNG), and
-the ``(seeds)`` rows' speed-up is against that compiled row, the others' against torch.compile given the
-noise. Every output is checked before timing.
+``torch.randn + torch.compile`` draws it eagerly before the compiled step. The ``(seeds)`` rows' speed-up is
+against the faster of the two compiled ways, the others' against torch.compile given the noise. Every output
+is checked before timing.
 
     python bench/bench_ddm_iadb.py [--shape 16x4x256x256] [--dtype fp32] [--ops ddm,iadb] [--providers ...]
 """
@@ -52,21 +53,19 @@ def _fused(plan, inputs: dict, device, nbytes: int, backend: str, expected=None,
 def _providers(plan, inputs: dict, seeded: dict | None, reference, ref_args: tuple, device, nbytes: int,
                seed_bytes: int, seed_expected) -> list:
     """The fused step per backend, eager and compiled reference given the noise (the last of `ref_args`); with
-    `seeded`, also the step drawing its noise: in the kernel (``(seeds)``, against the compiled reference
-    drawing its own, ``(own noise)``)."""
-    own = "torch.compile (own noise)"
+    `seeded`, also the step drawing its noise: in the kernel (``(seeds)``), against the faster torch way to draw
+    and step (``harness.DRAWING``)."""
     rows = []
     for b in ("cpu", "cuda", "triton", "torch"):
         rows.append(Provider(f"fastdiff-{b}", functools.partial(_fused, plan, inputs, device, nbytes, b)))
         if seeded is not None and b != "torch":
-            rows.append(Provider(f"fastdiff-{b} (seeds)", functools.partial(_fused, plan, seeded, device, seed_bytes,
-                                                                            b, seed_expected, own)))
+            rows.append(Provider(f"fastdiff-{b} (seeds)", functools.partial(
+                _fused, plan, seeded, device, seed_bytes, b, seed_expected, harness.DRAWING_BASELINE)))
     rows += [Provider("eager-torch", lambda: Bench(lambda: reference(*ref_args), nbytes)),
              Provider("torch.compile", lambda: harness.compile_bench(reference, ref_args, nbytes, device))]
     if seeded is not None:
-        rows += [Provider(name, functools.partial(harness.drawing_bench, reference, ref_args[:-1], len(ref_args) - 1,
-                                                  seed_bytes, device, compiled))
-                 for name, compiled in (("eager-torch (own noise)", False), (own, True))]
+        rows += [Provider(way, functools.partial(harness.drawing_bench, reference, ref_args[:-1], len(ref_args) - 1,
+                                                 seed_bytes, device, way)) for way in harness.DRAWING]
     return rows
 
 

@@ -13,8 +13,9 @@ its noise drawn in the kernel, checked against the reference given that Philox n
 torch.compile of the paper-shaped reference (``fastdiff.reference.mixddpm`` / ``ddim_gmm``; eager is the seed
 code's way). Speed-ups are against torch.compile given the same draws, except for the rows that draw their
 noise: the fused ``(seeds)`` step and ``MixDDPMScheduler.add_seeded_noise`` (x_t and eps, the training target,
-in one pass) are against ``torch.compile (own noise)``, the reference drawing it by ``torch.randn_like``
-(inductor's RNG; eager: ``eager-torch (own noise)``). Every output is checked before timing.
+in one pass) are against the faster of ``torch.compile (own noise)`` (the reference drawing it by
+``torch.randn_like``, compiled: inductor's RNG) and ``torch.randn + torch.compile`` (drawn eagerly, the step
+compiled); ``eager-torch (own noise)`` is the seed code's way. Every output is checked before timing.
 
     python bench/bench_mixture.py [--ops mixddpm_noising,ddim_gmm_step] [--shapes 16x4x256x256,1x4x64x64]
 """
@@ -92,7 +93,7 @@ def noising(args, shape, dtype, device) -> int:
         kk = mix.draw_components(mix.WEIGHTS, B, T_TRAIN, seeds=seeds, device=device)
         ee = philox.randn(seeds.cpu(), D, domain=philox.DOMAIN_TRAIN).reshape(shape).to(device, dtype)
         return Bench(lambda: s.add_seeded_noise(x0, t, seeds)[0], 3 * n, expected=reference(x0, t, ee, kk),
-                     baseline="torch.compile (own noise)")
+                     baseline=harness.DRAWING_BASELINE)
 
     providers = [Provider(f"fastdiff-{b}", functools.partial(fused_provider, b, device, fused, 3 * n))
                  for b in ("cpu", "cuda", "triton", "torch")]
@@ -103,9 +104,8 @@ def noising(args, shape, dtype, device) -> int:
         # the noising drawing its eps (the training target, returned too): in the kernel, or by randn_like
         Provider("fastdiff (scheduler, add_seeded_noise)", seeded_noise),
     ]
-    providers += [Provider(f"{name} (own noise)", functools.partial(harness.drawing_bench, reference, (x0, t, k), 2,
-                                                                    3 * n, device, compiled, True))
-                  for name, compiled in (("eager-torch", False), ("torch.compile", True))]
+    providers += [Provider(way, functools.partial(harness.drawing_bench, reference, (x0, t, k), 2, 3 * n, device, way,
+                                                  True)) for way in harness.DRAWING]
     return harness.run("mixddpm_noising", args, providers, expected)
 
 
@@ -148,7 +148,7 @@ def gmm_step(args, shape, dtype, device) -> int:
     def with_seeds(backend) -> Bench:
         """In-kernel Philox noise (no z read), checked against the reference given that same noise."""
         b = fused_provider(backend, device, fused_seeds, n * 3)
-        b.baseline = "torch.compile (own noise)"
+        b.baseline = harness.DRAWING_BASELINE
         z_philox = philox.randn(seeds, D, step=0).reshape(shape).to(device, dtype)
         b.expected = reference(*(a.double() if a.is_floating_point() else a
                                  for a in (x, eps, z_philox, k, delta, var))).to(dtype)
@@ -164,9 +164,8 @@ def gmm_step(args, shape, dtype, device) -> int:
     if noisy:  # the step drawing its noise: in the kernel (seeds), or as the seed code does (randn_like)
         providers += [Provider(f"fastdiff-{b} (seeds)", functools.partial(with_seeds, b)) for b in ("cpu", "cuda")]
         own = (x, eps, k, delta, var)
-        providers += [Provider(f"{name} (own noise)", functools.partial(harness.drawing_bench, reference, own, 2,
-                                                                        n * 3, device, compiled))
-                      for name, compiled in (("eager-torch", False), ("torch.compile", True))]
+        providers += [Provider(way, functools.partial(harness.drawing_bench, reference, own, 2, n * 3, device, way))
+                      for way in harness.DRAWING]
     return harness.run("ddim_gmm_step", args, providers, expected)
 
 

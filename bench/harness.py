@@ -48,7 +48,8 @@ class Bench:
     note: str = ""
     steps: int = 1                          # steps per fn() call (a whole trajectory): times are per step
     tol: float | None = None                # max rel err allowed (default: TOL of the dtype, for one step)
-    baseline: str | None = None             # the row this one's speed-up is against (default: the run's)
+    baseline: str | tuple[str, ...] | None = None  # the row this one's speed-up is against (several: the
+                                                   # fastest of them; default: the run's)
 
 
 @dataclass
@@ -151,13 +152,21 @@ def compile_bench(fn: Callable[..., Any], args: Sequence[Any], nbytes: int, devi
     return Bench(lambda: cfn(*args), nbytes, compile_s=compile_s)
 
 
+DRAWING = ("eager-torch (own noise)", "torch.compile (own noise)", "torch.randn + torch.compile")
+DRAWING_BASELINE = DRAWING[1:]  # a fused step drawing its noise is put against the faster of these
+
+
 def drawing_bench(fn: Callable[..., Any], args: Sequence[Any], noise_at: int, nbytes: int, device: torch.device,
-                  compiled: bool, returns_noise: bool = False) -> Bench:
-    """``fn`` drawing its own standard normals (``torch.randn_like(args[0])``, passed as argument `noise_at`),
-    eager or under ``compile_fn`` (inductor's own RNG): a stochastic step as its user writes it, the row to put a
-    fused op drawing its noise in the kernel against. `returns_noise`: ``(fn(...), noise)``, as a training
-    step needs its target. The output cannot be compared element by element with another draw's, so it is
-    checked here: a variant that also returns its noise must equal `fn` in float64 on that noise."""
+                  way: str, returns_noise: bool = False) -> Bench:
+    """``fn`` drawing its own standard normals (``torch.randn_like(args[0])``, passed as argument `noise_at`):
+    a stochastic step as its user writes it, the rows to put a fused op drawing its noise in the kernel
+    against. `way` (``DRAWING``): all eager; all under ``compile_fn`` (the draw too: inductor's own RNG); or
+    the draw eager and the step compiled. `returns_noise`: ``(fn(...), noise)``, as a training step needs its
+    target. The output cannot be compared element by element with another draw's, so it is checked here:
+    a variant that also returns its noise must equal `fn` in float64 on that noise."""
+    if way not in DRAWING:
+        raise ValueError(f"way: expected one of {DRAWING}, got {way!r}")
+
     def draw(*a):
         z = torch.randn_like(a[0])
         return fn(*a[:noise_at], z, *a[noise_at:]), z
@@ -165,17 +174,32 @@ def drawing_bench(fn: Callable[..., Any], args: Sequence[Any], noise_at: int, nb
     def timed(*a):
         return draw(*a) if returns_noise else draw(*a)[0]
 
-    checked = compile_fn(draw, args, device)[0] if compiled else draw
-    out, z = checked(*args)
+    compile_s = None
+    if way == DRAWING[0]:
+        checked = run = timed
+    elif way == DRAWING[1]:
+        checked = compile_fn(draw, args, device)[0]
+        run, compile_s = compile_fn(timed, args, device)
+    else:
+        step, compile_s = compile_fn(fn, (*args[:noise_at], torch.randn_like(args[0]), *args[noise_at:]), device)
+
+        def checked(*a):
+            z = torch.randn_like(a[0])
+            return step(*a[:noise_at], z, *a[noise_at:]), z
+
+        def run(*a):
+            out, z = checked(*a)
+            return (out, z) if returns_noise else out
+    out, z = (checked if way != DRAWING[0] else draw)(*args)
     wide = [v.double() if torch.is_tensor(v) and v.is_floating_point() else v for v in args]
     ref = fn(*wide[:noise_at], z.double(), *wide[noise_at:])
     out, ref = (out[0], ref[0]) if isinstance(out, tuple) else (out, ref)
     err = _rel_err(out, ref)
     if not err <= TOL[out.dtype]:
         raise Skip(f"WRONG: max rel err {err:.2e} on the noise it drew, not timed")
-    run, compile_s = (compile_fn(timed, args, device) if compiled else (timed, None))
-    note = f"noise drawn inside ({'inductor' if compiled else 'torch'} RNG), checked on it: max rel err {err:.1e}"
-    return Bench(lambda: (run(*args), None)[1], nbytes, compile_s=compile_s, note=note)
+    rng = "inductor" if way == DRAWING[1] else "torch"
+    return Bench(lambda: (run(*args), None)[1], nbytes, compile_s=compile_s,
+                 note=f"noise drawn inside ({rng} RNG), checked on it: max rel err {err:.1e}")
 
 
 def _git() -> dict[str, Any]:
@@ -300,6 +324,8 @@ def run(op: str, args: argparse.Namespace, providers: Sequence[Provider], expect
     ok = {r["provider"]: r for r in rows if r["status"] == "ok"}
     for r in rows:
         name = (benches[r["provider"]].baseline or args.baseline) if r["status"] == "ok" else None
+        if isinstance(name, tuple):  # the fastest of several ways to do the same work
+            name = min((n for n in name if n in ok), key=lambda n: ok[n]["median_ms"], default=None)
         if name in ok:
             r["speedup"], r["baseline"] = ok[name]["median_ms"] / r["median_ms"], name
             if name != args.baseline:
