@@ -197,9 +197,10 @@ def drawing_bench(fn: Callable[..., Any], args: Sequence[Any], noise_at: int, nb
     err = _rel_err(out, ref)
     if not err <= TOL[out.dtype]:
         raise Skip(f"WRONG: max rel err {err:.2e} on the noise it drew, not timed")
-    rng = "inductor" if way == DRAWING[1] else "torch"
+    where = {DRAWING[0]: "inside (torch RNG)", DRAWING[1]: "inside (inductor RNG)",
+             DRAWING[2]: "by torch.randn_like, then the compiled step"}[way]
     return Bench(lambda: (run(*args), None)[1], nbytes, compile_s=compile_s,
-                 note=f"noise drawn inside ({rng} RNG), checked on it: max rel err {err:.1e}")
+                 note=f"noise drawn {where}, checked on it: max rel err {err:.1e}")
 
 
 def _git() -> dict[str, Any]:
