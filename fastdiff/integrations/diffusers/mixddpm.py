@@ -5,7 +5,8 @@
   from real per-step categorical draws (one ``[B, T]`` draw and a masked weighted sum, ``[B]`` float32), then
   one fused pass: the q_sample plan plus the kernel's ``offset[n]`` term;
 - ``initial_sample(shape, generator=None, seeds=None)``: x_T of the strategy (``fastdiff.samplers.mixddpm.
-  initial_sample`` gives it for any scheduler: ``original``/``removal_mu`` compose with every solver);
+  initial_sample`` gives it for any scheduler: ``original``/``removal_mu`` compose with every solver). A diffusers
+  pipeline draws its own N(0, I) start: give it this one, ``pipe(..., latents=scheduler.initial_sample(...))``;
 - ``step``: ``original``/``removal_mu`` are DDPM's steps; ``standard`` draws k_n ~ Cat(w) per sample and step
   and subtracts sqrt(beta_t/alpha_t)*mu_{k_n}/sqrt(D) in the same fused pass (the ``offset[n]`` term).
 
