@@ -357,13 +357,15 @@ def step_positional(coef, x, e: list, e_uncond, m: list, x_last, row, rows, offs
              and not torch.compiler.is_compiling())
     if plain:
         grad = torch.is_grad_enabled()
+        vectors = (None if rows is None and offset is None and component is None and delta_table is None
+                   and var_table is None else (rows is not None, offset is not None, component is not None,
+                                               delta_table is not None, var_table is not None))
         flags = (len(e), len(m), x_last is not None, noise is not None, seeds is not None, bool(clamp), n_out,
-                 backend or forced_backend(), e_uncond is not None, rows is not None, offset is not None,
-                 component is not None, delta_table is not None, var_table is not None)
+                 backend or forced_backend(), e_uncond is not None, vectors)
         sig = _SIGNATURES.get((id(coef), flags))
         if (sig is not None and sig.pack is not None and type(x) is torch.Tensor and sig.matches(coef, x, row, flags)
                 and _plain_inputs(x, e, e_uncond, m, x_last, noise, seeds, grad)
-                and sig.vectors_match(rows, offset, component, delta_table, var_table)
+                and (vectors is None or sig.vectors_match(rows, offset, component, delta_table, var_table))
                 and (out is None or _plain_out(out, n_out, x, (*e, *(e_uncond or ()), *m, x_last, noise)))):
             return _run_signature(sig, x, e, e_uncond, m, x_last, row, noise, seeds, noise_step, noise_domain, out,
                                   n_out, rows, offset, component, delta_table, var_table)

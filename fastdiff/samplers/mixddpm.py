@@ -115,6 +115,8 @@ def _unit_mixture(weights, seeds, device):
     key = (tuple(float(w) for w in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)), device)
     unit = _UNITS.get(key)
     if unit is None:
+        if len(_UNITS) > 64:
+            _UNITS.clear()
         K = len(key[0])
         unit = _UNITS[key] = (torch.tensor(key[0], dtype=torch.float64, device=device),
                               torch.zeros(K, 1, device=device), torch.ones(K, 1, device=device))
