@@ -64,15 +64,15 @@ class _Signature:
                                   or t.device != device or not t.is_contiguous()):
                 return False
         if device.type == "cpu":
-            if rows is not None and n_out_of(rows.tolist(), -self.rows, self.rows):
+            if rows is not None and any_outside(rows.tolist(), -self.rows, self.rows):
                 return False
             K = (self.tables[0] or self.tables[1] or (None,))[0]
-            if component is not None and K is not None and n_out_of(component.tolist(), 0, K):
+            if component is not None and K is not None and any_outside(component.tolist(), 0, K):
                 return False
         return True
 
 
-def n_out_of(values: list, lo: int, hi: int) -> bool:
+def any_outside(values: list, lo: int, hi: int) -> bool:
     """Whether any of `values` lies outside [lo, hi) (the call then goes to ``validate``, which names it)."""
     return bool(values) and (min(values) < lo or max(values) >= hi)
 
