@@ -101,6 +101,7 @@ def _make_pack(template: tuple, a: StepArgs):
 # (id(plan table), flags) -> the signature of the last plain call of that kind (calls that alternate between
 # kinds - noise given one step, seeds the next - keep one each, instead of re-deriving every call)
 _SIGNATURES: dict[tuple, _Signature] = {}
+_VALIDATED: set[tuple] = set()  # kinds validated once
 
 
 def _plain_inputs(x, e, eu, m, x_last, noise, seeds, grad: bool) -> bool:
@@ -383,7 +384,13 @@ def step_positional(coef, x, e: list, e_uncond, m: list, x_last, row, rows, offs
     result = _execute(a, out, backend)
     if (plain and a.dtype != torch.float64 and a.coef.dtype == torch.float32
             and _plain_inputs(x, e, e_uncond, m, x_last, noise, seeds, grad)):
-        if len(_SIGNATURES) >= 64:
-            _SIGNATURES.clear()
-        _SIGNATURES[(id(coef), flags)] = _Signature(a, backends.choose(a.device, backend), flags)
+        key = (id(coef), flags)
+        if key not in _VALIDATED:  # a kind is remembered at its second call: a one-off table (training's
+            if len(_VALIDATED) >= 256:  # per-call plans) would pay for generating its packing function
+                _VALIDATED.clear()
+            _VALIDATED.add(key)
+        else:
+            if len(_SIGNATURES) >= 64:
+                _SIGNATURES.clear()
+            _SIGNATURES[key] = _Signature(a, backends.choose(a.device, backend), flags)
     return result
