@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BUILD_DEPS := "setuptools>=77" wheel "pybind11>=2.12" "cmake>=3.24" ninja
 NATIVE := pyproject.toml setup.py CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: demo test info bench wheel clean
+.PHONY: demo test info bench wheel gpu-wheels clean
 
 demo: $(VENV)/.demo
 	$(PY) -m fastdiff demo
@@ -49,6 +49,10 @@ $(VENV)/.test: $(VENV)/.tools $(NATIVE)
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	$(PY) -m pip install -q --no-deps $(KDIFFUSION)
 	touch $@
+
+# The pure-Python wheels the lent GPU machine lacks (it has no internet), for .ci/gpu: carry .whl.
+gpu-wheels: $(VENV)/.tools
+	$(PY) -m pip download -q --no-deps -d .whl diffusers==0.42.1 importlib_metadata $(KDIFFUSION)
 
 clean:
 	rm -rf build dist *.egg-info fastdiff/_C*.so demo_out

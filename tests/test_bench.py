@@ -69,3 +69,12 @@ def test_bench_seed_method_steps_check_their_rows(tmp_path):
         assert rows[op]["eager-torch (own noise)"] == "ok", (op, rows[op])
     assert rows["mixddpm_noising"]["fastdiff (scheduler, add_seeded_noise)"] == "ok"
     assert rows["ddim_gmm_step"][f"fastdiff-{NATIVE} (seeds)"] == rows["ddm_step"][f"fastdiff-{NATIVE} (seeds)"] == "ok"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine .ci/gpu runs for real")
+def test_gpu_check_says_it_needs_a_gpu(tmp_path):
+    """.ci/gpu (the lent GPU machine's check) stops at once, saying why, where there is no CUDA device."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "OUT": str(tmp_path), "HOME": str(tmp_path)}
+    done = subprocess.run(["bash", str(ROOT / ".ci" / "gpu"), "test"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env=env)
+    assert done.returncode == 2 and "no CUDA device here" in done.stderr, done.stdout + done.stderr
