@@ -167,30 +167,26 @@ def drawing_bench(fn: Callable[..., Any], args: Sequence[Any], noise_at: int, nb
     if way not in DRAWING:
         raise ValueError(f"way: expected one of {DRAWING}, got {way!r}")
 
-    def draw(*a):
-        z = torch.randn_like(a[0])
-        return fn(*a[:noise_at], z, *a[noise_at:]), z
-
-    def timed(*a):
-        return draw(*a) if returns_noise else draw(*a)[0]
-
-    compile_s = None
-    if way == DRAWING[0]:
-        checked = run = timed
-    elif way == DRAWING[1]:
-        checked = compile_fn(draw, args, device)[0]
-        run, compile_s = compile_fn(timed, args, device)
-    else:
-        step, compile_s = compile_fn(fn, (*args[:noise_at], torch.randn_like(args[0]), *args[noise_at:]), device)
-
-        def checked(*a):
+    def drawing(step):  # (the step with its noise drawn before it, returning the noise too; the timed call)
+        def draw(*a):
             z = torch.randn_like(a[0])
             return step(*a[:noise_at], z, *a[noise_at:]), z
 
-        def run(*a):
-            out, z = checked(*a)
-            return (out, z) if returns_noise else out
-    out, z = (checked if way != DRAWING[0] else draw)(*args)
+        def timed(*a):
+            return draw(*a) if returns_noise else draw(*a)[0]
+        return draw, timed
+
+    compile_s = None
+    if way == DRAWING[0]:
+        checked, run = drawing(fn)
+    elif way == DRAWING[1]:  # the draw inside the compiled function
+        draw, timed = drawing(fn)
+        checked = compile_fn(draw, args, device)[0]
+        run, compile_s = compile_fn(timed, args, device)
+    else:  # the draw eager, the step compiled
+        step, compile_s = compile_fn(fn, (*args[:noise_at], torch.randn_like(args[0]), *args[noise_at:]), device)
+        checked, run = drawing(step)
+    out, z = checked(*args)
     wide = [v.double() if torch.is_tensor(v) and v.is_floating_point() else v for v in args]
     ref = fn(*wide[:noise_at], z.double(), *wide[noise_at:])
     out, ref = (out[0], ref[0]) if isinstance(out, tuple) else (out, ref)

@@ -17,14 +17,11 @@
 #include "fastdiff/gmm.cuh"
 #include "fastdiff/step.cuh"
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
 #if defined(FASTDIFF_WITH_OPENMP)
 #include <omp.h>
 #endif
 
+#include "streaming.h"
 #include "target_clones.h"
 
 namespace fastdiff {
@@ -36,27 +33,6 @@ constexpr int64_t kChunk = 4096;         // elements per gmm_noise task
 constexpr int64_t kParallelMin = 32768;  // work (elements x components) below which one thread runs
 constexpr int kLanes = 16;               // reduction lanes of gmm_score
 constexpr int64_t kStreamMin = int64_t(16) << 20;  // output bytes from which stores bypass the caches
-
-// Copies a finished block to its output: with streaming (non-temporal) stores when `nt` and both ends are
-// 16-byte aligned - outputs too big for the caches then skip the read-for-ownership of every line, a
-// fifth to a third of this op's traffic - else plainly.
-FD_INLINE void put(void* dst, const void* src, size_t nbytes, bool nt) {
-#if defined(__x86_64__)
-  if (nt && reinterpret_cast<uintptr_t>(dst) % 16 == 0 && nbytes % 16 == 0) {
-    for (size_t b = 0; b < nbytes; b += 16)
-      _mm_stream_si128(reinterpret_cast<__m128i*>(static_cast<char*>(dst) + b),
-                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const char*>(src) + b)));
-    return;
-  }
-#endif
-  std::memcpy(dst, src, nbytes);
-}
-
-FD_INLINE void stream_fence() {
-#if defined(__x86_64__)
-  _mm_sfence();  // streaming stores are weakly ordered: visible before the op returns
-#endif
-}
 
 // The component uniforms of elements [b, b + kBlock) of a sample (b a multiple of 4): the Philox words of
 // their groups in DOMAIN_CATEGORICAL, round by round over structure-of-arrays counters (philox_round).

@@ -9,16 +9,13 @@
 #include <cstring>
 #include <stdexcept>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
 #include "fastdiff/step.cuh"
 
 #if defined(FASTDIFF_WITH_OPENMP)
 #include <omp.h>
 #endif
 
+#include "streaming.h"
 #include "target_clones.h"
 
 namespace fastdiff {
@@ -74,25 +71,12 @@ FD_INLINE void st(T* p, vfloat v) {
   for (int j = 0; j < kW; ++j) p[j] = from_float<T>(t[j]);
 }
 
-// Streaming (non-temporal) store of a vector to 16-byte aligned p: for outputs too big to stay in cache
-// it skips the read-for-ownership of every output line, a third of a step's traffic. SSE2 only, so
-// every clone has it.
+// Streaming store of a vector to 16-byte aligned p (streaming.h).
 template <typename T>
 FD_INLINE void st_stream(T* p, vfloat v) {
-#if defined(__x86_64__)
   T t[kW];
   st(t, v);
-  for (size_t b = 0; b < sizeof t; b += 16)
-    _mm_stream_si128(reinterpret_cast<__m128i*>(reinterpret_cast<char*>(p) + b),
-                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(reinterpret_cast<const char*>(t) + b)));
-#else
-  st(p, v);
-#endif
-}
-FD_INLINE void stream_fence() {
-#if defined(__x86_64__)
-  _mm_sfence();
-#endif
+  put(p, t, sizeof t, true);
 }
 
 // Element (V = float) or vector (V = vfloat) j of the sample: every term, then x0, then the outputs.

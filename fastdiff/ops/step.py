@@ -31,14 +31,15 @@ class _Signature:
     against it; ``pack`` (generated for the kind, by field name) then builds the native parameters with
     everything else baked in."""
 
-    __slots__ = ("coef", "version", "rows", "flags", "size", "dtype", "device", "rows_len", "tables", "pack",
-                 "launch")
+    __slots__ = ("coef", "version", "rows", "flags", "size", "dtype", "device", "rows_len", "tables", "table_rows",
+                 "pack", "launch")
 
     def __init__(self, a: StepArgs, backend: str, flags: tuple):
         self.coef, self.version, self.rows = weakref.ref(a.coef), a.coef._version, a.coef.shape[0]
         self.flags, self.size, self.dtype, self.device = flags, torch.Size(a.shape), a.dtype, a.device
         self.rows_len = None if a.rows is None else a.rows.shape[0]
         self.tables = tuple(None if t is None else t.shape for t in (a.delta_table, a.var_table))
+        self.table_rows = next((shape[0] for shape in self.tables if shape is not None), None)  # K
         self.pack = self.launch = None
         if backend in ("cpu", "cuda") and a.batch and a.numel:
             self.pack = _make_pack(native_args(a, [None] * a.n_out), a)
@@ -66,7 +67,7 @@ class _Signature:
         if device.type == "cpu":
             if rows is not None and any_outside(rows.tolist(), -self.rows, self.rows):
                 return False
-            K = (self.tables[0] or self.tables[1] or (None,))[0]
+            K = self.table_rows
             if component is not None and K is not None and any_outside(component.tolist(), 0, K):
                 return False
         return True
