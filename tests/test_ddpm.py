@@ -443,3 +443,24 @@ def test_learned_variance_rows_are_the_noise_scale():
         for got, want in zip(outs[a], outs[b]):
             assert_close(got, want, atol=1e-6, rtol=1e-6, what=f"{a} vs {b}")
     assert np.isfinite(outs[("learned_range", 1.0)][1].numpy()).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_learned_variance_out_of_domain_is_nan_like_diffusers(backend):
+    """variance_type="learned" scales the noise by sqrt(v): a negative (or NaN) v is NaN in diffusers, and must
+    be NaN here too - elementwise, the same elements - not a noiseless step (the kernels clip the gathered
+    variance at 0 for DDIM-GMM, which would hide it). Elsewhere the step equals diffusers'."""
+    require_backend(backend, "cpu")
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    e = model(x, 600)
+    v = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(4)) * 0.01
+    v[0, 0, 0, 0] = float("nan")
+    ref, fast = DDPMScheduler(variance_type="learned"), FastDDPMScheduler(variance_type="learned")
+    fast.backend = backend
+    for s in (ref, fast):
+        s.set_timesteps(10)
+    want = ref.step(torch.cat([e, v], 1), 600, x, generator=torch.Generator().manual_seed(1)).prev_sample
+    got = fast.step(torch.cat([e, v], 1), 600, x, generator=torch.Generator().manual_seed(1)).prev_sample
+    bad = torch.isnan(want)
+    assert bad.sum() == (v < 0).sum() + 1 and torch.equal(torch.isnan(got), bad)
+    assert_close(got[~bad], want[~bad], atol=1e-6, rtol=1e-5, what="learned variance, v >= 0")

@@ -76,6 +76,9 @@ VARIANTS = {
     "ancestral-zero-snr-trailing": (ANCESTRAL, dict(rescale_betas_zero_snr=True, beta_schedule="scaled_linear",
                                                     beta_start=0.00085, beta_end=0.012,
                                                     timestep_spacing="trailing"), {}),
+    # linear betas: rescaled abar_998 < 2^-24 = abar_999, so the training grid's sigma rises at its end (the
+    # construction's default grid, which an ancestral step cannot take; the run's grid is fine)
+    "ancestral-zero-snr-linear": (ANCESTRAL, dict(rescale_betas_zero_snr=True), {}),
     "ancestral-cosine-trained": (ANCESTRAL, dict(num_train_timesteps=50, trained_betas=[0.02] * 50), {}),
     "heun-default": (HEUN, dict(), {}),
     "heun-karras-v": (HEUN, dict(use_karras_sigmas=True, prediction_type="v_prediction"), {}),

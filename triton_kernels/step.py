@@ -154,7 +154,8 @@ def _step_kernel(
         z = normal_block(tl.load(seeds_ptr + n), pid.to(tl.int64) * (BLOCK // 4), noise_step, noise_domain, BLOCK)
     if NOISE > 0 and HAS_VAR:  # gathered std sqrt(max(VAR - var, 0)) (DDIM-GMM, clipped at 0)
         var = _load(var_ptr, tab_at, mask)
-        z = z * tl.sqrt_rn(tl.maximum(_coef(row_ptr, L.VAR, valid) - var, 0.0))
+        s2 = _coef(row_ptr, L.VAR, valid) - var
+        z = z * tl.sqrt_rn(tl.where(s2 < 0.0, 0.0, s2))  # by comparison, as the C++ clampf: NaN stays NaN
 
     HAS_NOISE: tl.constexpr = NOISE > 0
     o = _output(0, row_ptr, valid, g, x, e0, e1, u0, u1, x0, m0, m1, m2, last, off, delta, z, base,

@@ -238,7 +238,7 @@ class FastDDPMScheduler(FastSchedulerMixin, SchedulerMixin, ConfigMixin):
             v = torch.lerp(g_v, v, guidance_scale)
         v = v.reshape(B, -1).to(torch.float32)
         if self.variance_type == "learned":
-            table = -v                                              # s^2 = v
+            table = v.neg().masked_fill_(v < 0, float("nan"))      # s^2 = v; NaN as diffusers' sqrt(v < 0)
         else:                                                       # s^2 = exp(a + b*v) = -c*exp(b*v)
             grid = self._mode_key()
             bounds = self._plan(("learned_range", grid), lambda: self._learned_range(grid))

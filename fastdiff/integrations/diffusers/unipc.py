@@ -64,7 +64,9 @@ class FastUniPCMultistepScheduler(FastSchedulerMixin, SchedulerMixin, ConfigMixi
     ``backend`` to pick the kernels; ``seeds`` is accepted for a uniform signature (UniPC draws no noise).
     Refused: ``solver_p`` (another scheduler as predictor), ``solver_order`` > 3 (the step has three history
     slots), combinations diffusers runs into NaN (exponential/beta sigmas with flow sigmas, flow_prediction
-    without predict_x0, an order >= 2 last step to sigma 0)."""
+    without predict_x0, an order >= 2 last step to sigma 0). A last step of order 1 to sigma 0 takes its limit,
+    a data prediction, where diffusers' formula evaluates 0*inf and returns NaN (``bh1``,
+    or ``predict_x0=False``, with ``final_sigmas_type="zero"``)."""
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     _tensor_sources = ("sigmas",)  # diffusers' step reads only the sigmas set_timesteps left
