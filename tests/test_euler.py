@@ -190,6 +190,12 @@ def test_trajectory_matches_diffusers(name, monkeypatch):
     compare(name, monkeypatch)
 
 
+@pytest.mark.parametrize("name", ["euler-default", "ancestral-default", "heun-default", "heun-exponential-sample-clip"])
+def test_one_step_runs(name, monkeypatch):
+    """num_inference_steps=1: one call, sigma_max -> 0 (for Heun only its first call, an Euler step)."""
+    compare(name, monkeypatch, steps=1)
+
+
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("name", ["euler-continuous-v-karras-churn", "ancestral-default", "heun-karras-v"])
 def test_backends(device, backend, name, monkeypatch):

@@ -143,6 +143,21 @@ def test_trajectory_matches_diffusers_for_every_option(name):
     check_trajectory(got, want, exact, name)
 
 
+@pytest.mark.parametrize("kind", ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"])
+def test_grid_ends_where_diffusers_ends_it(kind):
+    """final_sigmas_type="sigma_min" with converted sigmas ends at the converted grid's last sigma (diffusers'
+    UniPC, unlike its DPM-Solver): for a one-step run that is sigma_max, a zero-length (identity) step."""
+    for n in (1, 2, 7, 50):
+        ref, fast = pair(**{kind: True}, final_sigmas_type="sigma_min")
+        ref.set_timesteps(n)
+        fast.set_timesteps(n)
+        assert torch.equal(fast.sigmas, ref.sigmas) and torch.equal(fast.timesteps, ref.timesteps), (kind, n)
+    x = x_T()
+    want = trajectory(ref, x, steps=1)
+    assert_close(trajectory(fast, x, steps=1)[-1], want[-1], atol=1e-6, rtol=1e-6, what=f"{kind} one step")
+    assert_close(want[-1], x, atol=1e-6, rtol=1e-6, what="diffusers' one step: the identity")
+
+
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("name", ["order3-disable-corrector", "noise-pred-v-sigma_min", "flow-shift"])
 def test_trajectory_on_every_backend(device, backend, name):

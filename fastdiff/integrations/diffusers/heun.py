@@ -105,11 +105,12 @@ class FastHeunDiscreteScheduler(SigmaSpaceMixin, SchedulerMixin, ConfigMixin):
 
     def _build(self, guidance) -> tuple:
         """(first, second) rows by step index j: the first call steps sigmas[j] -> sigmas[j+1], the second
-        (x at sigmas[j]) completes sigmas[j-1] -> sigmas[j] (its row 0 is never a second call: a copy of 1's)."""
+        (x at sigmas[j]) completes sigmas[j-1] -> sigmas[j] (its row 0 is never a second call: a copy of 1's, or
+        for a one-step run, whose sigmas[1] is 0, a step sigmas[0] -> sigmas[0])."""
         s = self._s32.double().numpy()
         j = np.arange(len(s) - 1)
         prev = np.maximum(j - 1, 0)
-        cur = np.where(j > 0, j, 1)
+        cur = np.where(j > 0, j, 1 if s[1] > 0 else 0)
         kw = dict(prediction_type=self.config.prediction_type, guidance=guidance,
                   clip=self.config.clip_sample_range if self.config.clip_sample else None)
         return heun_first(s[j], s[j + 1], **kw), heun_second(s[prev], s[cur], **kw)

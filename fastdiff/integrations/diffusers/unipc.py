@@ -201,8 +201,12 @@ class FastUniPCMultistepScheduler(FastSchedulerMixin, SchedulerMixin, ConfigMixi
             "beta" if cfg.use_beta_sigmas else None
         if not cfg.use_flow_sigmas and kind != "beta" and cfg.sigma_min is None and cfg.sigma_max is None:
             # DPM-Solver's grid (schedules.dpm_sigmas) is UniPC's: spacings, interpolation, karras (always rounded
-            # here: beta_schedule "linear"), exponential, the final sigma
-            return schedules.dpm_sigmas(abar, n, cfg.timestep_spacing, cfg.steps_offset, kind, cfg.final_sigmas_type)
+            # here: beta_schedule "linear"), exponential, the final sigma - except that UniPC's final sigma_min
+            # is the converted grid's last sigma (sigma_max for a one-step karras/exponential run), not sigma_0
+            s, ts = schedules.dpm_sigmas(abar, n, cfg.timestep_spacing, cfg.steps_offset, kind, cfg.final_sigmas_type)
+            if kind is not None and cfg.final_sigmas_type == "sigma_min":
+                s[-1] = s[-2]
+            return s, ts
         vp = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).cpu().numpy()  # float32, as diffusers
         if kind is not None:
             base = vp if custom is None else np.asarray(custom)
