@@ -84,6 +84,22 @@ def test_equal_to_k_diffusion_for_the_same_noise(name, dtype):
     assert_close(got, want, atol=tol, rtol=tol, what=f"{name} {dtype}")
 
 
+@pytest.mark.parametrize("name", ["euler", "euler_churn_all", "euler_ancestral", "heun", "heun_churn", "dpmpp_2m",
+                                  "dpmpp_sde"])
+def test_one_step_and_no_step_grids(name):
+    """A one-step grid to 0 (Heun: its first call only) equals k-diffusion's; a grid of one sigma takes no step
+    and returns x, as k-diffusion's loop does. (k-diffusion's 2M/3M SDE samplers fail on one step: not here.)"""
+    ours, theirs, kw = SAMPLERS[name]
+    sampler = getattr(k_sampling(), theirs)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 14.6
+    noises = [torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))]
+    one = torch.tensor([14.6, 0.0])
+    want = sampler(denoiser, x, one, disable=True, **noise_args(name, noises), **kw)
+    got = ours(denoiser, x, one, disable=True, **noise_args(name, noises), **kw)
+    assert_close(got, want, atol=2e-5, rtol=2e-5, what=f"{name}, one step")
+    assert ours(denoiser, x, torch.tensor([14.6]), disable=True, **kw) is x
+
+
 @pytest.mark.parametrize("device,backend", DEVICES)
 @pytest.mark.parametrize("name", ["dpmpp_2m_sde", "dpmpp_sde", "euler_ancestral"])
 def test_seeds_draw_the_philox_noise(device, backend, name):

@@ -87,13 +87,24 @@ def _run(built, model, x, sigmas, extra_args, callback, disable, noise_sampler, 
     return x
 
 
+def _sampler(fn):
+    """A ``sample_*`` function: without grad, and a grid of one sigma (no step) returns x as it is, as
+    k-diffusion's loop over ``len(sigmas) - 1`` steps does."""
+    @functools.wraps(fn)
+    def sample(model, x, sigmas, *args, **kwargs):
+        if isinstance(sigmas, torch.Tensor) and sigmas.dim() == 1 and len(sigmas) == 1:
+            return x
+        return fn(model, x, sigmas, *args, **kwargs)
+    return torch.no_grad()(sample)
+
+
 def _host(sigmas: torch.Tensor) -> tuple:
     if not isinstance(sigmas, torch.Tensor) or sigmas.dim() != 1 or len(sigmas) < 2:
         raise ValueError(f"sigmas: expected a 1-D tensor of N+1 >= 2 sigmas, got {sigmas!r}"[:200])
     return tuple(sigmas.detach().double().cpu().tolist())
 
 
-@torch.no_grad()
+@_sampler
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, *, seeds=None, backend=None,
                     guidance_scale=None):
     """DPM-Solver++(2M) (Lu et al. 2022), as k-diffusion's ``sample_dpmpp_2m``. Deterministic."""
@@ -101,7 +112,7 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
     return _run(built, model, x, sigmas, extra_args, callback, disable, None, None, backend, guidance_scale)
 
 
-@torch.no_grad()
+@_sampler
 def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
                         noise_sampler=None, solver_type="midpoint", *, seeds=None, backend=None, guidance_scale=None):
     """DPM-Solver++(2M) SDE, as k-diffusion's ``sample_dpmpp_2m_sde`` (noise: see the module docstring)."""
@@ -109,7 +120,7 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     return _run(built, model, x, sigmas, extra_args, callback, disable, noise_sampler, seeds, backend, guidance_scale)
 
 
-@torch.no_grad()
+@_sampler
 def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
                         noise_sampler=None, *, seeds=None, backend=None, guidance_scale=None):
     """DPM-Solver++(3M) SDE, as k-diffusion's ``sample_dpmpp_3m_sde`` (noise: see the module docstring)."""
@@ -117,7 +128,7 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     return _run(built, model, x, sigmas, extra_args, callback, disable, noise_sampler, seeds, backend, guidance_scale)
 
 
-@torch.no_grad()
+@_sampler
 def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
                      noise_sampler=None, r=1 / 2, *, seeds=None, backend=None, guidance_scale=None):
     """DPM-Solver++ (stochastic, two model calls a step), as k-diffusion's ``sample_dpmpp_sde``."""
@@ -166,7 +177,7 @@ def _heun(sigmas: tuple, s_churn, s_tmin, s_tmax, s_noise, guidance):
     two = s[1:] > 0
     kw = dict(prediction_type="sample", guidance=guidance)
     first = euler.heun_first(sigma_hat, s[1:], **kw)  # into sigma = 0 the next lift is 0: none to carry
-    second = euler.heun_second(sigma_hat[two], s[1:][two], lift_next=lift_next[two], **kw)
+    second = euler.heun_second(sigma_hat[two], s[1:][two], lift_next=lift_next[two], **kw) if two.any() else None
     steps, calls, k = [], [], 0
     for i in range(len(s) - 1):
         steps.append(i), calls.append((0, i))
@@ -190,7 +201,7 @@ def _churned(host, sigmas, x, s_churn, s_tmin, s_tmax, s_noise):
     return hats, x
 
 
-@torch.no_grad()
+@_sampler
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
                  s_tmax=float("inf"), s_noise=1.0, *, backend=None, guidance_scale=None):
     """Euler (Karras et al. 2022, Algorithm 2 with churn), as k-diffusion's ``sample_euler``; the churn noise
@@ -203,7 +214,7 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None,
                 lambda sigmas: [(h, None) for h in hats])
 
 
-@torch.no_grad()
+@_sampler
 def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
                            noise_sampler=None, *, seeds=None, backend=None, guidance_scale=None):
     """Ancestral Euler, as k-diffusion's ``sample_euler_ancestral`` (noise: see the module docstring)."""
@@ -211,7 +222,7 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
     return _run(built, model, x, sigmas, extra_args, callback, disable, noise_sampler, seeds, backend, guidance_scale)
 
 
-@torch.no_grad()
+@_sampler
 def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0, s_tmin=0.0,
                 s_tmax=float("inf"), s_noise=1.0, *, backend=None, guidance_scale=None):
     """Heun (Karras et al. 2022, Algorithm 2), as k-diffusion's ``sample_heun``: two model calls a step (one

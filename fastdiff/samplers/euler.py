@@ -174,11 +174,12 @@ def heun_second(sigma, sigma_next, *, lift_next=0.0, prediction_type: str = "eps
                 guidance=guidance, rows=sigma.shape, row_label=row_label)
 
 
-def heun_plans(sigmas, *, prediction_type: str = "epsilon", clip=None, guidance=None) -> tuple[Plan, Plan]:
+def heun_plans(sigmas, *, prediction_type: str = "epsilon", clip=None, guidance=None) -> tuple[Plan, Plan | None]:
     """(first, second) over descending ``sigmas`` [N+1] (k-diffusion's ``sample_heun`` without churn): step
-    i runs first's row i, then - unless sigma_{i+1} = 0, the last step of a run to 0 - second's row i."""
+    i runs first's row i, then - unless sigma_{i+1} = 0, the last step of a run to 0 - second's row i (second
+    is None for a one-step run to 0: it has no second call)."""
     sigmas = np.asarray(sigmas, np.float64)
     sigma, sigma_next = sigmas[:-1], sigmas[1:]
     two = sigma_next > 0
     kw = dict(prediction_type=prediction_type, clip=clip, guidance=guidance)
-    return heun_first(sigma, sigma_next, **kw), heun_second(sigma[two], sigma_next[two], **kw)
+    return heun_first(sigma, sigma_next, **kw), heun_second(sigma[two], sigma_next[two], **kw) if two.any() else None
