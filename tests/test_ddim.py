@@ -322,3 +322,26 @@ def test_begin_index_sets_the_noise_counter():
     got = fast.step(e, t, x, eta=1.0, seeds=seeds).prev_sample
     want = ref.step(e, t, x, eta=1.0, variance_noise=randn(seeds, 48, step=5).reshape(2, 3, 4, 4)).prev_sample
     assert_close(got, want, atol=1e-6, rtol=1e-6, what="begin_index noise")
+
+
+def test_direction_weight_is_computed_where_diffusers_rounds_to_nan():
+    """eta = 1 on the first step of squaredcos_cap_v2 with trailing spacing (abar_999 ~ 2e-9): the direction
+    weight sqrt(1 - abar_prev - sigma^2) = (1 - abar_prev) sqrt(abar_t / (abar_prev (1 - abar_t))) ~ 1.5e-4,
+    which diffusers' float32 arithmetic turns into the root of a negative number (NaN images). The drop-in
+    gives the step with the true weight; z is diffusers' own draw."""
+    cfg = dict(beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing")
+    ref, fast = DDIMScheduler(**cfg), FastDDIMScheduler(**cfg)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    eps = torch.tanh(x)
+    outs = []
+    for s in (ref, fast):
+        s.set_timesteps(5)
+        outs.append(s.step(eps, s.timesteps[0], x, eta=1.0, generator=torch.Generator().manual_seed(1)).prev_sample)
+    assert torch.isnan(outs[0]).all()
+    t, prev = 999, 799
+    a_t, a_p = ref.alphas_cumprod[t].double(), ref.alphas_cumprod[prev].double()
+    x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+    sigma = ((1 - a_p) / (1 - a_t) * (1 - a_t / a_p)).sqrt()
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    direction = (1 - a_p) * (a_t / (a_p * (1 - a_t))).sqrt()
+    assert_close(outs[1], a_p.sqrt() * x0 + direction * eps + sigma * z, atol=1e-9, rtol=1e-9, what="exact step")

@@ -20,7 +20,10 @@ from fastdiff.samplers.predictions import check_prediction_type
 class FastDDIMScheduler(FastSchedulerMixin, SchedulerMixin, ConfigMixin):
     """Fused drop-in for diffusers' ``DDIMScheduler``: the same arguments and defaults (diffusers 0.42),
     attributes and outputs. Beyond it: ``step(..., seeds=)`` and ``set_seeds`` for in-kernel noise,
-    ``set_begin_index`` for the noise counter, ``backend`` to pick the kernels."""
+    ``set_begin_index`` for the noise counter, ``backend`` to pick the kernels. Where float32
+    rounding makes diffusers' direction weight sqrt(1 - abar_prev - sigma^2) the square root of a negative
+    number (NaN images; eta = 1 on a step from abar_t ~ 0, e.g. squaredcos_cap_v2 with trailing spacing), the
+    weight is computed in float64 as every plan coefficient is: its true, small positive value."""
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     _tensor_sources = ("alphas_cumprod", "final_alpha_cumprod")
