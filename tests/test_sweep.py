@@ -1,0 +1,144 @@
+"""A seeded sweep of random diffusers configurations: every drop-in against diffusers' own class, whole runs
+in float64 (the per-family files test fp32 and low precision). Options are drawn together, as users combine
+them; the per-family files test each one on purpose.
+
+The oracle is diffusers' run with its schedule tensors upcast to float64 after ``set_timesteps`` ("exact":
+the same code, its float32 per-step scalars - sigmas, alphas - made float64). diffusers' float64 run with
+its float32 scalars is off the exact one by their rounding, which grids with sigma_max ~ 1e4 amplify; the
+drop-in must be no further from the exact run than twice that, or than 1e-6 of the sample's scale: some of
+diffusers' steps compute in float32 whatever the sample's dtype (the Euler family and flow matching upcast
+to float32 only), so their "exact" run carries float32 rounding too. A wrong coefficient is off by far
+more (a wrong grid point, a lost term: percents).
+
+Outcomes allowed beside agreement: both refuse the configuration; the drop-in refuses it (a ValueError)
+where diffusers' run is not finite; the drop-in is finite where every element of diffusers' run is NaN (the
+sigma-0 limits and rounding, documented per class). A data-dependent NaN (some elements: a negative learned
+variance) must be NaN in the same elements. Anything else fails: a refusal of a run diffusers completes, an
+exception where diffusers returns, a differing result.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import random
+
+import diffusers
+import pytest
+import torch
+from diffusers.utils import logging
+
+from fastdiff.integrations import diffusers as fast
+
+logging.set_verbosity_error()
+
+BETAS = dict(beta_schedule=["linear", "scaled_linear", "squaredcos_cap_v2"], rescale_betas_zero_snr=[False, True],
+             timestep_spacing=["linspace", "leading", "trailing"], steps_offset=[0, 1])
+SIGMAS = dict(use_karras_sigmas=[False, True], use_exponential_sigmas=[False, True], use_beta_sigmas=[False, True])
+PRED = dict(prediction_type=["epsilon", "v_prediction", "sample"])
+OPTIONS = {
+    "DPMSolverMultistepScheduler": dict(
+        BETAS, **SIGMAS, **PRED, solver_order=[1, 2, 3], thresholding=[False, True],
+        algorithm_type=["dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver"],
+        solver_type=["midpoint", "heun"], lower_order_final=[True, False], euler_at_final=[False, True],
+        use_lu_lambdas=[False, True], final_sigmas_type=["zero", "sigma_min"], lambda_min_clipped=[-math.inf, -5.1],
+        variance_type=[None, "learned_range"]),
+    "UniPCMultistepScheduler": dict(
+        BETAS, **SIGMAS, **PRED, solver_order=[1, 2, 3], thresholding=[False, True], predict_x0=[True, False],
+        solver_type=["bh1", "bh2"], lower_order_final=[True, False], disable_corrector=[[], [0], [1, 3]],
+        final_sigmas_type=["zero", "sigma_min"]),
+    "EulerDiscreteScheduler": dict(
+        BETAS, **SIGMAS, **PRED, interpolation_type=["linear", "log_linear"],
+        timestep_type=["discrete", "continuous"], final_sigmas_type=["zero", "sigma_min"]),
+    "EulerAncestralDiscreteScheduler": dict(BETAS, prediction_type=["epsilon", "v_prediction"]),
+    "HeunDiscreteScheduler": dict(BETAS, **SIGMAS, **PRED, clip_sample=[False, True]),
+    "DDPMScheduler": dict(BETAS, **PRED, variance_type=["fixed_small", "fixed_large", "learned_range", "learned"],
+                          clip_sample=[True, False], thresholding=[False, True]),
+    "LCMScheduler": dict(BETAS, **PRED, clip_sample=[False, True], thresholding=[False, True],
+                         original_inference_steps=[50, 20], timestep_scaling=[10.0, 1.0]),
+    "FlowMatchEulerDiscreteScheduler": dict(
+        SIGMAS, shift=[1.0, 3.0], use_dynamic_shifting=[False, True], invert_sigmas=[False, True],
+        shift_terminal=[None, 0.1], time_shift_type=["exponential", "linear"], stochastic_sampling=[False, True]),
+    "DDIMScheduler": dict(BETAS, **PRED, clip_sample=[True, False], thresholding=[False, True],
+                          set_alpha_to_one=[True, False]),
+}
+CASES = 24  # per class
+
+
+def draw_cases(name: str) -> list[tuple]:
+    rng = random.Random(f"sweep-{name}")
+    cases = []
+    for i in range(CASES):
+        config = {k: rng.choice(v) for k, v in OPTIONS[name].items() if rng.random() < 0.5}
+        cases.append((i, config, rng.choice([1, 2, 3, 5, 8, 13]), rng.choice([0.0, 0.5, 1.0])))
+    return cases
+
+
+def model(x: torch.Tensor, t, learned: bool) -> torch.Tensor:
+    """A smooth stand-in for a network (its variance channels appended for the learned variance types)."""
+    out = 0.3 * x + 0.05 * math.sin(float(t) / 100.0 + 1.0) + 0.02 * torch.cos(3 * x)
+    return torch.cat([out, 0.5 * torch.tanh(x)], 1) if learned else out
+
+
+def upcast(scheduler) -> None:
+    """diffusers' scheduler with every float32 tensor attribute in float64 (the same values)."""
+    for key, value in list(vars(scheduler).items()):
+        if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+            setattr(scheduler, key, value.double())
+
+
+def run(cls, config: dict, steps: int, eta: float, exact: bool = False) -> torch.Tensor:
+    s = cls(**config)
+    if hasattr(s, "is_scale_input_called"):
+        s.is_scale_input_called = True
+    s.set_timesteps(steps, **({"mu": 0.8} if config.get("use_dynamic_shifting") else {}))
+    if exact:
+        upcast(s)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(steps), dtype=torch.float64)
+    x = x * float(getattr(s, "init_noise_sigma", 1.0))
+    g = torch.Generator().manual_seed(1)
+    params = inspect.signature(s.step).parameters
+    kw = {"generator": g} if "generator" in params else {}
+    if "eta" in params:
+        kw["eta"] = eta
+    learned = config.get("variance_type") in ("learned", "learned_range")
+    flow = "FlowMatch" in cls.__name__
+    for t in s.timesteps:
+        x_in = x if flow else s.scale_model_input(x, t)
+        x = s.step(model(x_in, t, learned), t, x, **kw).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_random_configurations_match_diffusers(name):
+    ref_cls, fast_cls = getattr(diffusers, name), getattr(fast, "Fast" + name)
+    for i, config, steps, eta in draw_cases(name):
+        what = f"{name} case {i}: {config}, {steps} steps, eta {eta}"
+        try:
+            want = run(ref_cls, config, steps, eta)
+        except Exception as exc:  # diffusers refuses: so must the drop-in
+            with pytest.raises(Exception):
+                run(fast_cls, config, steps, eta)
+            continue
+        want_ok = bool(torch.isfinite(want).all())
+        try:
+            got = run(fast_cls, config, steps, eta)
+        except ValueError as exc:
+            assert not want_ok, f"{what}: refused ({exc}) where diffusers' run is finite"
+            continue
+        assert got.dtype == want.dtype and got.shape == want.shape, what
+        if not want_ok:
+            finite = torch.isfinite(want)
+            if not finite.any():  # a schedule-level NaN (every element): the drop-in may take the limit
+                continue
+            assert torch.equal(torch.isfinite(got), finite), f"{what}: not finite where diffusers' run is, or finite " \
+                                                             f"where it is not (a data-dependent NaN must stay)"
+            got, want = got[finite], want[finite]
+            err = float((got - want).abs().max())
+            assert err <= 1e-6 * float(want.abs().max()), f"{what}: finite elements off diffusers' by {err:.3g}"
+            continue
+        exact = run(ref_cls, config, steps, eta, exact=True)
+        scale = float(exact.abs().max())
+        err, err_diffusers = float((got - exact).abs().max()), float((want - exact).abs().max())
+        assert err <= max(2 * err_diffusers, 1e-6 * scale), \
+            f"{what}: off the exact run by {err:.3g}, diffusers' float64 run by {err_diffusers:.3g} (scale {scale:.3g})"
