@@ -116,8 +116,8 @@ def test_random_configurations_match_diffusers(name):
         what = f"{name} case {i}: {config}, {steps} steps, eta {eta}"
         try:
             want = run(ref_cls, config, steps, eta)
-        except Exception as exc:  # diffusers refuses: so must the drop-in
-            with pytest.raises(Exception):
+        except Exception:  # diffusers refuses: so must the drop-in
+            with pytest.raises((ValueError, TypeError, NotImplementedError, ImportError)):
                 run(fast_cls, config, steps, eta)
             continue
         want_ok = bool(torch.isfinite(want).all())
