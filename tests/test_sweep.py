@@ -10,6 +10,8 @@ diffusers' steps compute in float32 whatever the sample's dtype (the Euler famil
 to float32 only), so their "exact" run carries float32 rounding too. A wrong coefficient is off by far
 more (a wrong grid point, a lost term: percents).
 
+Each class runs its pinned cases (configurations a drop-in once got wrong) and then 40 drawn ones.
+
 Outcomes allowed beside agreement: both refuse the configuration; the drop-in refuses it (a ValueError)
 where diffusers' run is not finite; the drop-in is finite where every element of diffusers' run is NaN (the
 sigma-0 limits and rounding, documented per class). A data-dependent NaN (some elements: a negative learned
@@ -34,7 +36,8 @@ logging.set_verbosity_error()
 
 BETAS = dict(beta_schedule=["linear", "scaled_linear", "squaredcos_cap_v2"], rescale_betas_zero_snr=[False, True],
              timestep_spacing=["linspace", "leading", "trailing"], steps_offset=[0, 1])
-SIGMAS = dict(use_karras_sigmas=[False, True], use_exponential_sigmas=[False, True], use_beta_sigmas=[False, True])
+# one converted sigma kind at most (diffusers refuses two): drawn as one option, set as its flag
+SIGMAS = dict(sigma_kind=[None, "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"])
 PRED = dict(prediction_type=["epsilon", "v_prediction", "sample"])
 OPTIONS = {
     "DPMSolverMultistepScheduler": dict(
@@ -62,15 +65,38 @@ OPTIONS = {
     "DDIMScheduler": dict(BETAS, **PRED, clip_sample=[True, False], thresholding=[False, True],
                           set_alpha_to_one=[True, False]),
 }
-CASES = 24  # per class
+CASES = 40  # random ones per class, after the pinned ones
+PINNED = {  # configurations a drop-in once got wrong: (config, steps, eta, start)
+    "EulerAncestralDiscreteScheduler": [({"rescale_betas_zero_snr": True}, 5, 0.0, ("plain",))],
+    "DDPMScheduler": [({"variance_type": "learned"}, 5, 0.0, ("plain",))],  # a negative variance is NaN
+    "HeunDiscreteScheduler": [({}, 1, 0.0, ("plain",))],
+    "UniPCMultistepScheduler": [({"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}, 1, 0.0, ("plain",)),
+                                ({"use_exponential_sigmas": True, "final_sigmas_type": "sigma_min"}, 1, 0.0,
+                                 ("plain",))],
+}
 
 
 def draw_cases(name: str) -> list[tuple]:
     rng = random.Random(f"sweep-{name}")
-    cases = []
+    known = set(inspect.signature(getattr(diffusers, name).__init__).parameters) | {"sigma_kind"}
+    options = {k: v for k, v in OPTIONS[name].items() if k in known}  # (Heun has no zero-SNR rescaling)
+    cases = [(f"pinned {i}", *case) for i, case in enumerate(PINNED.get(name, []))]
     for i in range(CASES):
-        config = {k: rng.choice(v) for k, v in OPTIONS[name].items() if rng.random() < 0.5}
-        cases.append((i, config, rng.choice([1, 2, 3, 5, 8, 13]), rng.choice([0.0, 0.5, 1.0])))
+        config = {k: rng.choice(v) for k, v in options.items() if rng.random() < 0.5}
+        kind = config.pop("sigma_kind", None)
+        if kind:
+            config[kind] = True
+        steps, eta, u = rng.choice([1, 2, 3, 5, 8, 13]), rng.choice([0.0, 0.5, 1.0]), rng.random()
+        if u < 0.15 and steps > 2:  # img2img: a run that starts at step k
+            start = ("begin", rng.randrange(1, steps))
+        elif u < 0.3:  # a custom grid of training timesteps (those that take one), or of sigmas
+            start = ("timesteps", sorted(rng.sample(range(1, 1000), steps), reverse=True))
+        elif u < 0.4:
+            top = 1.0 if name.startswith("FlowMatch") else 14.6
+            start = ("sigmas", sorted((rng.uniform(0.02, top) for _ in range(steps)), reverse=True))
+        else:
+            start = ("plain",)
+        cases.append((i, config, steps, eta, start))
     return cases
 
 
@@ -87,13 +113,25 @@ def upcast(scheduler) -> None:
             setattr(scheduler, key, value.double())
 
 
-def run(cls, config: dict, steps: int, eta: float, exact: bool = False) -> torch.Tensor:
+def run(cls, config: dict, steps: int, eta: float, start: tuple, exact: bool = False) -> torch.Tensor:
+    """A pipeline's loop over the run; `start`: ("plain",), ("begin", k) - set_begin_index at step k (times the
+    scheduler's order) and the loop from there, as img2img runs - or ("timesteps" | "sigmas", grid) given to
+    set_timesteps in place of the step count."""
     s = cls(**config)
     if hasattr(s, "is_scale_input_called"):
         s.is_scale_input_called = True
-    s.set_timesteps(steps, **({"mu": 0.8} if config.get("use_dynamic_shifting") else {}))
+    kw = {"mu": 0.8} if config.get("use_dynamic_shifting") else {}
+    if start[0] in ("timesteps", "sigmas"):
+        s.set_timesteps(**{start[0]: start[1]}, **kw)
+    else:
+        s.set_timesteps(steps, **kw)
     if exact:
         upcast(s)
+    timesteps = s.timesteps
+    if start[0] == "begin":
+        begin = start[1] * s.order
+        s.set_begin_index(begin)  # AttributeError where diffusers' class has none: the test skips the case
+        timesteps = timesteps[begin:]
     x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(steps), dtype=torch.float64)
     x = x * float(getattr(s, "init_noise_sigma", 1.0))
     g = torch.Generator().manual_seed(1)
@@ -103,7 +141,7 @@ def run(cls, config: dict, steps: int, eta: float, exact: bool = False) -> torch
         kw["eta"] = eta
     learned = config.get("variance_type") in ("learned", "learned_range")
     flow = "FlowMatch" in cls.__name__
-    for t in s.timesteps:
+    for t in timesteps:
         x_in = x if flow else s.scale_model_input(x, t)
         x = s.step(model(x_in, t, learned), t, x, **kw).prev_sample
     return x
@@ -112,17 +150,19 @@ def run(cls, config: dict, steps: int, eta: float, exact: bool = False) -> torch
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_random_configurations_match_diffusers(name):
     ref_cls, fast_cls = getattr(diffusers, name), getattr(fast, "Fast" + name)
-    for i, config, steps, eta in draw_cases(name):
-        what = f"{name} case {i}: {config}, {steps} steps, eta {eta}"
+    for i, config, steps, eta, start in draw_cases(name):
+        what = f"{name} case {i}: {config}, {steps} steps, eta {eta}, start {start}"
+        if start[0] == "begin" and not hasattr(ref_cls, "set_begin_index"):
+            continue  # DDIM and DDPM find their row by timestep: begin_index does not exist for them
         try:
-            want = run(ref_cls, config, steps, eta)
+            want = run(ref_cls, config, steps, eta, start)
         except Exception:  # diffusers refuses: so must the drop-in
             with pytest.raises((ValueError, TypeError, NotImplementedError, ImportError)):
-                run(fast_cls, config, steps, eta)
+                run(fast_cls, config, steps, eta, start)
             continue
         want_ok = bool(torch.isfinite(want).all())
         try:
-            got = run(fast_cls, config, steps, eta)
+            got = run(fast_cls, config, steps, eta, start)
         except ValueError as exc:
             assert not want_ok, f"{what}: refused ({exc}) where diffusers' run is finite"
             continue
@@ -137,7 +177,7 @@ def test_random_configurations_match_diffusers(name):
             err = float((got - want).abs().max())
             assert err <= 1e-6 * float(want.abs().max()), f"{what}: finite elements off diffusers' by {err:.3g}"
             continue
-        exact = run(ref_cls, config, steps, eta, exact=True)
+        exact = run(ref_cls, config, steps, eta, start, exact=True)
         scale = float(exact.abs().max())
         err, err_diffusers = float((got - exact).abs().max()), float((want - exact).abs().max())
         assert err <= max(2 * err_diffusers, 1e-6 * scale), \
