@@ -1,6 +1,7 @@
-"""A seeded sweep of random diffusers configurations: every drop-in against diffusers' own class, whole runs
-in float64 (the per-family files test fp32 and low precision). Options are drawn together, as users combine
-them; the per-family files test each one on purpose.
+"""A seeded sweep of random diffusers configurations: every drop-in against diffusers' own class - and the
+seed methods' schedulers where they reduce to one (DDIM-GMM without offsets, Mix-DDPM's "original" strategy)
+-, whole runs in float64 (the per-family files test fp32 and low precision). Options are drawn together, as
+users combine them; the per-family files test each one on purpose.
 
 The oracle is diffusers' run with its schedule tensors upcast to float64 after ``set_timesteps`` ("exact":
 the same code, its float32 per-step scalars - sigmas, alphas - made float64). diffusers' float64 run with
@@ -21,6 +22,7 @@ exception where diffusers returns, a differing result.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import random
@@ -140,16 +142,29 @@ def run(cls, config: dict, steps: int, eta: float, start: tuple, exact: bool = F
     if "eta" in params:
         kw["eta"] = eta
     learned = config.get("variance_type") in ("learned", "learned_range")
-    flow = "FlowMatch" in cls.__name__
+    flow = "FlowMatch" in getattr(cls, "__name__", "")
     for t in timesteps:
         x_in = x if flow else s.scale_model_input(x, t)
         x = s.step(model(x_in, t, learned), t, x, **kw).prev_sample
     return x
 
 
-@pytest.mark.parametrize("name", list(OPTIONS))
+# the seed methods' schedulers where they reduce to diffusers' class: no offsets (DDIM-GMM with s = 0), the
+# Mix-DDPM strategy that keeps the base sampler ("original")
+REDUCED = {
+    "DDIMGMMScheduler(offset_scale=0)": ("DDIMScheduler", functools.partial(fast.DDIMGMMScheduler, offset_scale=0.0)),
+    "MixDDPMScheduler(original)": ("DDPMScheduler", functools.partial(fast.MixDDPMScheduler, strategy="original")),
+    "MixDDIMScheduler(original)": ("DDIMScheduler", functools.partial(fast.MixDDIMScheduler, strategy="original")),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIONS) + list(REDUCED))
 def test_random_configurations_match_diffusers(name):
-    ref_cls, fast_cls = getattr(diffusers, name), getattr(fast, "Fast" + name)
+    if name in REDUCED:
+        name, fast_cls = REDUCED[name]
+    else:
+        fast_cls = getattr(fast, "Fast" + name)
+    ref_cls = getattr(diffusers, name)
     for i, config, steps, eta, start in draw_cases(name):
         what = f"{name} case {i}: {config}, {steps} steps, eta {eta}, start {start}"
         if start[0] == "begin" and not hasattr(ref_cls, "set_begin_index"):
