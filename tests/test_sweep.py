@@ -72,7 +72,9 @@ PINNED = {  # configurations a drop-in once got wrong: (config, steps, eta, star
     "EulerAncestralDiscreteScheduler": [({"rescale_betas_zero_snr": True}, 5, 0.0, ("plain",))],
     "DDPMScheduler": [({"variance_type": "learned"}, 5, 0.0, ("plain",))],  # a negative variance is NaN
     "HeunDiscreteScheduler": [({}, 1, 0.0, ("plain",))],
-    "UniPCMultistepScheduler": [({"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}, 1, 0.0, ("plain",)),
+    "EulerDiscreteScheduler": [({}, 1, 0.0, ("sigmas", [0.92]))],  # one given sigma: a run of no step
+    "UniPCMultistepScheduler": [({"lower_order_final": False}, 5, 0.0, ("begin", 4)),  # refused from step 0 only
+                                ({"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}, 1, 0.0, ("plain",)),
                                 ({"use_exponential_sigmas": True, "final_sigmas_type": "sigma_min"}, 1, 0.0,
                                  ("plain",))],
 }

@@ -277,6 +277,20 @@ def test_final_sigma_zero_takes_the_limit_where_diffusers_gives_nan(config):
     check_trajectory(got, want[:-1] + [limit(ref, want)], exact[:-1] + [limit(ref_exact, exact)], "limit")
 
 
+def test_a_run_refused_from_step_0_runs_from_a_later_begin_index():
+    """lower_order_final=False to sigma 0: from step 0 the last step is order 2 (refused: diffusers' NaN), but
+    an img2img run that starts at the last step warms up there at order 1, as diffusers does."""
+    x = x_T(dtype=torch.float64)
+    ref, fast = pair(lower_order_final=False)
+    for s in (ref, fast):
+        s.set_timesteps(5)
+        s.set_begin_index(4)
+    want = ref.step(0.3 * x, ref.timesteps[4], x).prev_sample
+    assert torch.isfinite(want).all()
+    assert_close(fast.step(0.3 * x, fast.timesteps[4], x).prev_sample, want, atol=1e-6, rtol=1e-6,
+                 what="begin at the last step")
+
+
 def test_begin_index_gives_diffusers_results():
     """img2img: set_begin_index(k) after set_timesteps starts the run (warm-up orders, no corrector) at k, as
     diffusers does; a first timestep that is timesteps[k] without begin_index finds k the same way."""
@@ -537,8 +551,10 @@ def test_bad_input_raises_clearly():
         fast.set_timesteps(0)
     with pytest.raises(ValueError, match="`mu` must be passed"):
         FastUniPCMultistepScheduler(**FLOW, use_dynamic_shifting=True).set_timesteps(5)
+    refused = FastUniPCMultistepScheduler(lower_order_final=False)
+    refused.set_timesteps(5)  # a later begin_index may take the run: the step that reads the plan refuses it
     with pytest.raises(ValueError, match="lower_order_final=True.*final_sigmas_type='sigma_min'"):
-        FastUniPCMultistepScheduler(lower_order_final=False).set_timesteps(5)
+        refused.step(x, refused.timesteps[0], x)
     fast.set_timesteps(3)
     with pytest.raises(ValueError, match=r"timestep: 500 is not one of this run's timesteps \[999, 666, 333\]"):
         fast.step(x, 500, x)

@@ -114,7 +114,7 @@ class FastEulerDiscreteScheduler(SigmaSpaceMixin, SchedulerMixin, ConfigMixin):
         if num_inference_steps is None:
             num_inference_steps = len(timesteps) if timesteps is not None else len(sigmas) - 1
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) \
-                or num_inference_steps < 1:
+                or num_inference_steps < (0 if sigmas is not None else 1):  # one given sigma: a run of no step
             raise ValueError(f"num_inference_steps: expected an int >= 1, got {num_inference_steps!r}")
         self.num_inference_steps = n = num_inference_steps
         args = (n, None if timesteps is None else tuple(np.asarray(timesteps, np.float64).tolist()),

@@ -242,7 +242,11 @@ class FastUniPCMultistepScheduler(FastSchedulerMixin, SchedulerMixin, ConfigMixi
         if self.num_inference_steps is not None and self._run_begin < self.num_inference_steps:
             device = getattr(self, "_device", torch.device("cpu"))
             for guidance in dict.fromkeys((self._guidance, None)):  # the last guidance scale used, and none
-                for plan in self._plans_for(self._run_begin, guidance):
+                try:
+                    plans = self._plans_for(self._run_begin, guidance)
+                except ValueError:  # a run this start cannot take (an order-2 last step to sigma 0) may still
+                    break           # be run from a later begin_index: the step that reads it refuses it
+                for plan in plans:
                     plan.coef(device)
 
     def _plans_for(self, begin: int, guidance) -> tuple:
