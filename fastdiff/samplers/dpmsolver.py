@@ -199,11 +199,22 @@ def _weights(algorithm_type, solver_type, a_t, sg_t, h, hs):
             # diffusers' is that minus alpha_t, which costs the third order; kept, to match its images.
             c2 = a_t * ((em - 2.0 * hs) / (2.0 * hs) ** 2 - 0.5)
             e2 = -np.expm1(-2.0 * h)
-            return a_t * e2, heun if solver_type == "heun" else mid, heun, c2, sg_t * np.sqrt(e2)
+            return a_t * e2, heun if solver_type == "heun" else mid, heun, c2, sg_t * _noise_scale(e2, h)
         psi = np.expm1(hs)                                                # sde-dpmsolver
         mid, heun = -sg_t * psi, -2.0 * sg_t * (psi / hs - 1.0)
         return -2.0 * sg_t * np.expm1(h), heun if solver_type == "heun" else mid, 0.0, 0.0, \
-            sg_t * np.sqrt(np.expm1(2.0 * h))
+            sg_t * _noise_scale(np.expm1(2.0 * h), h)
+
+
+H_ROUNDING = 1e-6  # |h| below which a step that rises (h < 0) is a float32 rounding of a repeated sigma
+
+
+def _noise_scale(var, h):
+    """sqrt(var) of an SDE step's noise, var of h's sign. A grid whose last two float32 sigmas differ by an ulp
+    (sigma_min reached two ways, e.g. Lu lambdas ending at sigma_min) can rise by that ulp: h ~ -1e-7, which
+    diffusers' float32 arithmetic rounds to 0 (no noise). Such a step takes no noise here too; a step that
+    truly rises keeps its NaN, which the plan refuses."""
+    return np.sqrt(np.where(h > -H_ROUNDING, np.maximum(var, 0.0), var))
 
 
 def dpmsolver_multistep(sigmas, orders, *, algorithm_type: str = "dpmsolver++", solver_type: str = "midpoint",
