@@ -210,6 +210,9 @@ class DDMScheduler(FloatGridRun, SchedulerMixin, ConfigMixin):
         e, e_uncond, x = self._inputs(list(model_output), sample, guidance_scale)
         plan = self._plans_for(float(eta) if self.config.sampler == "eta" else 0.0,
                                None if guidance_scale is None else float(guidance_scale))[kind]
+        n_e = max(plan.terms.n_e, 1)
+        if len(e) > n_e:  # the plan gives the eps head no weight in any row (EDM preconditioning, a step into t = 0):
+            e, e_uncond = e[:n_e], None if e_uncond is None else e_uncond[:n_e]  # it reads C only
         noise, seeds = self._noise(plan.noise_rows[row], x, x.dtype, generator, None, seeds)
         m = [self._x_start] if kind == "second" else None
         prev, x0 = self._stepper.step(x, e, e_uncond=e_uncond, plan=plan, row=row, m=m, noise=noise, seeds=seeds)
