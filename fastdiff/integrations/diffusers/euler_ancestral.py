@@ -30,7 +30,9 @@ logger = logging.get_logger("diffusers.schedulers." + __name__)  # diffusers' ve
 class FastEulerAncestralDiscreteScheduler(SigmaSpaceMixin, SchedulerMixin, ConfigMixin):
     """Fused drop-in for diffusers' ``EulerAncestralDiscreteScheduler`` (same arguments and defaults,
     attributes and outputs). Beyond it: ``step(..., seeds=)`` / ``set_seeds`` for in-kernel noise,
-    ``guidance_scale=`` for fused classifier-free guidance, ``backend`` to pick the kernels."""
+    ``guidance_scale=`` for fused classifier-free guidance, ``backend`` to pick the kernels. A step whose
+    sigma_down diffusers' float32 arithmetic loses to cancellation (NaN images: the first step from
+    squaredcos_cap_v2's sigma_max ~ 2e4) takes its float64 value sigma_to^2/sigma_from."""
 
     order = 1
 
@@ -88,6 +90,10 @@ class FastEulerAncestralDiscreteScheduler(SigmaSpaceMixin, SchedulerMixin, Confi
         sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
         sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
         f64 = [t.double().numpy() for t in (sigma_from, sigma_down, sigma_up)]
+        # sigma_down^2 = sigma_to^4 / sigma_from^2 > 0: where float32 cancellation makes it negative (diffusers' NaN,
+        # a step from a huge sigma_max such as squaredcos_cap_v2's), its float64 value
+        lost = ~np.isfinite(f64[1]) & np.isfinite(f64[2])
+        f64[1][lost] = (sigma_to.double().numpy() ** 2 / f64[0])[lost]
         return (euler_ancestral_step(*f64, prediction_type=self.config.prediction_type, guidance=guidance),)
 
     def step(
