@@ -12,7 +12,8 @@ diffusers' steps compute in float32 whatever the sample's dtype (the Euler famil
 to float32 only), so their "exact" run carries float32 rounding too. A wrong coefficient is off by far
 more (a wrong grid point, a lost term: percents).
 
-Each class runs its pinned cases (configurations a drop-in once got wrong) and then 40 drawn ones.
+Each class runs its pinned cases (configurations a drop-in once got wrong) and then 40 drawn ones; the
+first 16 run again with classifier-free guidance, fused in the drop-in, combined outside for diffusers.
 
 Outcomes allowed beside agreement: both refuse the configuration; the drop-in refuses it (a ValueError)
 where diffusers' run is not finite; the drop-in is finite where every element of diffusers' run is NaN (the
@@ -124,10 +125,13 @@ def upcast(scheduler) -> None:
             setattr(scheduler, key, value.double())
 
 
-def run(cls, config: dict, steps: int, eta: float, start: tuple, exact: bool = False) -> torch.Tensor:
+def run(cls, config: dict, steps: int, eta: float, start: tuple, exact: bool = False,
+        guidance: str | None = None) -> torch.Tensor:
     """A pipeline's loop over the run; `start`: ("plain",), ("begin", k) - set_begin_index at step k (times the
     scheduler's order) and the loop from there, as img2img runs - or ("timesteps" | "sigmas", grid) given to
-    set_timesteps in place of the step count."""
+    set_timesteps in place of the step count. `guidance`: classifier-free guidance (scale GUIDANCE) of two
+    model outputs, done "outside" (combined in torch, as pipelines do) or "fused" (the drop-in's
+    ``guidance_scale``, given [uncond; cond])."""
     s = cls(**config)
     if hasattr(s, "is_scale_input_called"):
         s.is_scale_input_called = True
@@ -154,7 +158,14 @@ def run(cls, config: dict, steps: int, eta: float, start: tuple, exact: bool = F
     flow = "FlowMatch" in getattr(cls, "__name__", "")
     for t in timesteps:
         x_in = x if flow else s.scale_model_input(x, t)
-        x = s.step(model(x_in, t, learned), t, x, **kw).prev_sample
+        out = model(x_in, t, learned)
+        if guidance is not None:
+            uncond = model(0.7 * x_in, t, learned) - 0.01
+            if guidance == "fused":
+                x = s.step(torch.cat([uncond, out]), t, x, guidance_scale=GUIDANCE, **kw).prev_sample
+                continue
+            out = uncond + GUIDANCE * (out - uncond)
+        x = s.step(out, t, x, **kw).prev_sample
     return x
 
 
@@ -167,26 +178,42 @@ REDUCED = {
 }
 
 
+GUIDANCE = 3.0
+GUIDED_CASES = 16  # the first ones of each class, again with guidance
+
+
 @pytest.mark.parametrize("name", list(OPTIONS) + list(REDUCED))
 def test_random_configurations_match_diffusers(name):
+    check_sweep(name)
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_fused_guidance_matches_diffusers_with_guidance_outside(name):
+    """The drop-in's ``guidance_scale`` (one fused pass over [uncond; cond]) against diffusers' class stepping
+    the guided output combined in torch, as pipelines do it."""
+    check_sweep(name, guided=True)
+
+
+def check_sweep(name: str, guided: bool = False) -> None:
     if name in REDUCED:
         name, fast_cls = REDUCED[name]
     else:
         fast_cls = getattr(fast, "Fast" + name)
     ref_cls = getattr(diffusers, name)
-    for i, config, steps, eta, start in draw_cases(name):
-        what = f"{name} case {i}: {config}, {steps} steps, eta {eta}, start {start}"
+    theirs, ours = ("outside", "fused") if guided else (None, None)
+    for i, config, steps, eta, start in draw_cases(name)[:GUIDED_CASES if guided else None]:
+        what = f"{name} case {i}: {config}, {steps} steps, eta {eta}, start {start}, guidance {ours}"
         if start[0] == "begin" and not hasattr(ref_cls, "set_begin_index"):
             continue  # DDIM and DDPM find their row by timestep: begin_index does not exist for them
         try:
-            want = run(ref_cls, config, steps, eta, start)
+            want = run(ref_cls, config, steps, eta, start, guidance=theirs)
         except Exception:  # diffusers refuses: so must the drop-in
             with pytest.raises((ValueError, TypeError, NotImplementedError, ImportError)):
-                run(fast_cls, config, steps, eta, start)
+                run(fast_cls, config, steps, eta, start, guidance=ours)
             continue
         want_ok = bool(torch.isfinite(want).all())
         try:
-            got = run(fast_cls, config, steps, eta, start)
+            got = run(fast_cls, config, steps, eta, start, guidance=ours)
         except ValueError as exc:
             assert not want_ok, f"{what}: refused ({exc}) where diffusers' run is finite"
             continue
@@ -197,7 +224,7 @@ def test_random_configurations_match_diffusers(name):
                 continue
             assert torch.equal(torch.isfinite(got), finite), f"{what}: not finite where diffusers' run is, or finite " \
                                                              f"where it is not (a data-dependent NaN must stay)"
-        exact = run(ref_cls, config, steps, eta, start, exact=True)
+        exact = run(ref_cls, config, steps, eta, start, exact=True, guidance=theirs)
         if not bool(torch.isfinite(exact[finite]).all()):  # where float32 rounding saved diffusers' own run (a
             exact = want                                    # grid rising by an ulp: h = 0 in float32): the oracle
         got, want, exact = got[finite], want[finite], exact[finite]
