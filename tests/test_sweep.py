@@ -73,7 +73,9 @@ CASES = 40  # random ones per class, after the pinned ones
 PINNED = {  # configurations a drop-in once got wrong: (config, steps, eta, start)
     "EulerAncestralDiscreteScheduler": [({"rescale_betas_zero_snr": True}, 5, 0.0, ("plain",)),
                                         ({"beta_schedule": "squaredcos_cap_v2", "timestep_spacing": "trailing"}, 3,
-                                         0.0, ("begin", 2))],  # step 0's sigma_down lost to float32 cancellation
+                                         0.0, ("begin", 2)),  # step 0's sigma_down lost to float32 cancellation
+                                        ({"beta_schedule": "squaredcos_cap_v2", "rescale_betas_zero_snr": True,
+                                          "prediction_type": "v_prediction"}, 5, 0.0, ("plain",))],  # (a few digits)
     "DDPMScheduler": [({"variance_type": "learned"}, 5, 0.0, ("plain",))],  # a negative variance is NaN
     "HeunDiscreteScheduler": [({}, 1, 0.0, ("plain",))],
     "DPMSolverMultistepScheduler": [  # Lu lambdas end one float32 ulp below sigma_min: the last SDE step rises

@@ -30,9 +30,9 @@ logger = logging.get_logger("diffusers.schedulers." + __name__)  # diffusers' ve
 class FastEulerAncestralDiscreteScheduler(SigmaSpaceMixin, SchedulerMixin, ConfigMixin):
     """Fused drop-in for diffusers' ``EulerAncestralDiscreteScheduler`` (same arguments and defaults,
     attributes and outputs). Beyond it: ``step(..., seeds=)`` / ``set_seeds`` for in-kernel noise,
-    ``guidance_scale=`` for fused classifier-free guidance, ``backend`` to pick the kernels. A step whose
-    sigma_down diffusers' float32 arithmetic loses to cancellation (NaN images: the first step from
-    squaredcos_cap_v2's sigma_max ~ 2e4) takes its float64 value sigma_to^2/sigma_from."""
+    ``guidance_scale=`` for fused classifier-free guidance, ``backend`` to pick the kernels. sigma_down is
+    computed in float64 (sigma_to^2/sigma_from), where diffusers' float32 difference cancels on a step from a
+    large sigma (the first step from squaredcos_cap_v2's sigma_max ~ 2e4: NaN images there)."""
 
     order = 1
 
@@ -84,17 +84,17 @@ class FastEulerAncestralDiscreteScheduler(SigmaSpaceMixin, SchedulerMixin, Confi
         self._set_run(*self._schedule((n,), grid), device)
 
     def _build(self, guidance) -> tuple:
-        """Ancestral rows: sigma_up, sigma_down in float32 torch, as diffusers computes them per step."""
-        s = self._s32
-        sigma_from, sigma_to = s[:-1], s[1:]
-        sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
-        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
-        f64 = [t.double().numpy() for t in (sigma_from, sigma_down, sigma_up)]
-        # sigma_down^2 = sigma_to^4 / sigma_from^2 > 0: where float32 cancellation makes it negative (diffusers' NaN,
-        # a step from a huge sigma_max such as squaredcos_cap_v2's), its float64 value
-        lost = ~np.isfinite(f64[1]) & np.isfinite(f64[2])
-        f64[1][lost] = (sigma_to.double().numpy() ** 2 / f64[0])[lost]
-        return (euler_ancestral_step(*f64, prediction_type=self.config.prediction_type, guidance=guidance),)
+        """Ancestral rows from the run's float32 sigmas, in float64 as every plan coefficient:
+        sigma_up = sqrt(sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2) and sigma_down in its closed form
+        sigma_to^2 / sigma_from (= sqrt(sigma_to^2 - sigma_up^2)). diffusers takes the difference in float32,
+        which cancels on a step from a large sigma (squaredcos_cap_v2, zero-SNR: sigma_max ~ 4e3-2e4): a few
+        correct digits, or the root of a negative number (NaN images)."""
+        f, t = (a.double().numpy() for a in (self._s32[:-1], self._s32[1:]))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sigma_up = (t**2 * (f**2 - t**2) / f**2) ** 0.5
+        sigma_down = t**2 / f
+        return (euler_ancestral_step(f, sigma_down, sigma_up, prediction_type=self.config.prediction_type,
+                                     guidance=guidance),)
 
     def step(
         self,
