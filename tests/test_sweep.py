@@ -6,11 +6,11 @@ users combine them; the per-family files test each one on purpose.
 The oracle is diffusers' run with its schedule tensors upcast to float64 after ``set_timesteps`` ("exact":
 the same code, its float32 per-step scalars - sigmas, alphas - made float64). diffusers' float64 run with
 its float32 scalars is off the exact one by their rounding, which grids with sigma_max ~ 1e4 amplify; the
-drop-in must equal diffusers' own run (to 1e-6 of the sample's scale), or be no further from the exact run
-than twice diffusers', or than 1e-6 of the scale: some of
-diffusers' steps compute in float32 whatever the sample's dtype (the Euler family and flow matching upcast
-to float32 only), so their "exact" run carries float32 rounding too. A wrong coefficient is off by far
-more (a wrong grid point, a lost term: percents).
+drop-in must equal diffusers' own run to 1e-5 of the sample's scale, or be no further from the exact run
+than twice diffusers' own run is. Not tighter: several of diffusers' steps compute in float32 whatever the
+sample's dtype (the Euler family, flow matching and DPM-Solver cast the sample to float32), so even the
+"exact" run carries float32 rounding, which a few steps from a large sigma amplify to ~1e-6 of the scale.
+A wrong coefficient is off by far more (a wrong grid point, a lost term: percents).
 
 Each class runs its pinned cases (configurations a drop-in once got wrong) and then 40 drawn ones; the
 first 16 run again with classifier-free guidance, fused in the drop-in, combined outside for diffusers.
@@ -232,7 +232,7 @@ def check_sweep(name: str, guided: bool = False) -> None:
         got, want, exact = got[finite], want[finite], exact[finite]
         scale = float(exact.abs().max())
         err, err_diffusers = float((got - exact).abs().max()), float((want - exact).abs().max())
-        if float((got - want).abs().max()) <= 1e-6 * scale:  # diffusers' own float64 result (its float32 scalars)
+        if float((got - want).abs().max()) <= 1e-5 * scale:  # diffusers' own float64 result (its float32 scalars)
             continue
-        assert err <= max(2 * err_diffusers, 1e-6 * scale), \
+        assert err <= 2 * err_diffusers, \
             f"{what}: off the exact run by {err:.3g}, diffusers' float64 run by {err_diffusers:.3g} (scale {scale:.3g})"
