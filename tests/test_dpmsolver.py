@@ -484,12 +484,16 @@ def test_plans_are_built_in_set_timesteps_not_in_step(monkeypatch):
 
 
 @pytest.mark.parametrize("config", [dict(solver_order=3), dict(algorithm_type="sde-dpmsolver++"),
-                                    dict(thresholding=True, prediction_type="sample")], ids=["3M", "sde", "thr"])
+                                    dict(thresholding=True, prediction_type="sample"),
+                                    dict(solver_order=3, dtype=torch.float64)], ids=["3M", "sde", "thr", "3M-float64"])
 def test_torch_compile_fullgraph_on_the_first_calls_after_set_timesteps(config):
     """Steps 0-2 (first to third order) traced with fullgraph=True, then eager steps: the eager run's result.
-    (Each step index is a new trace - a multistep run recompiles per step.)"""
+    (Each step index is a new trace - a multistep run recompiles per step.) float64 runs the torch reference
+    into the stepper's history buffers, traced too."""
     torch._dynamo.reset()
-    x, e = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    config = dict(config)
+    dtype = config.pop("dtype", torch.float32)
+    x, e = torch.randn(2, 3, 4, 4, dtype=dtype), torch.randn(2, 3, 4, 4, dtype=dtype)
     runs = []
     for compiled in (True, False):
         fast = Fast(**config)

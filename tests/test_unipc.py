@@ -422,15 +422,18 @@ def test_float64_mixed_dtypes_and_autograd_like_diffusers():
     assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-5, what="d/d x_T through three steps")
 
 
-def test_torch_compile_fullgraph_on_the_first_call_after_set_timesteps():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_compile_fullgraph_on_the_first_call_after_set_timesteps(dtype):
     """The first three steps traced whole (history growing, the corrector starting), both return forms. Each
-    step index is its own graph (the stepper's index is a Python int)."""
+    step index is its own graph (the stepper's index is a Python int). float64 runs the torch reference into
+    the stepper's history buffers, traced too."""
+    torch._dynamo.reset()
     fast = FastUniPCMultistepScheduler(solver_order=3)
     fast.set_timesteps(6)
     step = torch.compile(fast.step, fullgraph=True, backend="aot_eager")
     ref = FastUniPCMultistepScheduler(solver_order=3)
     ref.set_timesteps(6)
-    x = xr = x_T(14)
+    x = xr = x_T(14, dtype=dtype)
     for j in range(3):
         t = fast.timesteps[j]
         x = step(mixture_model(fast, j, x), t, x, return_dict=False)[0] if j != 1 else \
