@@ -153,6 +153,12 @@ def categorical(u: torch.Tensor, weights: torch.Tensor | Sequence[float]) -> tor
 _CDFS: dict = {}  # (weights as floats, device) -> thresholds: a sampler draws from the same weights every step
 
 
+def host_weights(weights) -> tuple[float, ...]:
+    """Host `weights` (a sequence, array or CPU tensor) as a tuple of floats: the key of the caches of
+    objects built from them (a sampler draws from the same weights every step)."""
+    return tuple(float(v) for v in (weights.tolist() if hasattr(weights, "tolist") else weights))
+
+
 def _thresholds(weights, device) -> torch.Tensor:
     """``categorical``'s float64 ``[K - 1]`` thresholds on `device`; cached for weights given on the host."""
     def build(w):
@@ -161,7 +167,7 @@ def _thresholds(weights, device) -> torch.Tensor:
 
     if torch.compiler.is_compiling() or (isinstance(weights, torch.Tensor) and weights.device.type != "cpu"):
         return build(weights)
-    key = (tuple(float(v) for v in (weights.tolist() if hasattr(weights, "tolist") else weights)), device)
+    key = (host_weights(weights), device)
     cdf = _CDFS.get(key)
     if cdf is None:
         if len(_CDFS) > 64:

@@ -7,6 +7,7 @@ probability-flow ODE of fastdiff.oracle (order of convergence)."""
 
 import inspect
 import math
+from fractions import Fraction
 
 import diffusers.schedulers.scheduling_euler_ancestral_discrete as d_ancestral
 import diffusers.schedulers.scheduling_euler_discrete as d_euler
@@ -764,6 +765,13 @@ def test_builders_closed_forms_and_bad_input():
     np.testing.assert_allclose(down**2 + up**2, s[1:] ** 2, rtol=1e-13, atol=0)
     for i in range(len(s) - 1):
         np.testing.assert_allclose((down[i], up[i]), get_ancestral_step(s[i], s[i + 1], 0.8), rtol=1e-14)
+    # a step from a large sigma (squaredcos' sigma_max): sigma_down^2 = sigma_next^2 - sigma_up^2 in exact
+    # rational arithmetic, which a float difference keeps to ~1e-8 only
+    for eta in (1.0, 0.8):
+        f, t = Fraction(20291.302734375), Fraction(1.7507)
+        exact = t**2 - Fraction(eta) ** 2 * t**2 * (f**2 - t**2) / f**2
+        got, _ = ancestral_sigmas(float(f), float(t), eta=eta)
+        np.testing.assert_allclose(got, math.sqrt(exact), rtol=1e-14)
     x, e = torch.randn(2, 5), torch.randn(2, 5)
     last = euler_step(2.0, 2.0, 0.0)
     out, x0 = Stepper(last, backend="cpu").step(x, e)

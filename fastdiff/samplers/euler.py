@@ -111,12 +111,16 @@ def euler_plan(sigmas, *, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: flo
 
 def ancestral_sigmas(sigma, sigma_next, eta: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """(sigma_down, sigma_up), sigma_up = min(sigma_next, eta*sqrt(sigma_next^2 (sigma^2 - sigma_next^2)/sigma^2)),
-    sigma_down = sqrt(sigma_next^2 - sigma_up^2), so sigma_down^2 + sigma_up^2 = sigma_next^2 (float64)."""
+    sigma_down = sqrt(sigma_next^2 - sigma_up^2), so sigma_down^2 + sigma_up^2 = sigma_next^2 (float64).
+    sigma_down is taken in the form that does not cancel, sigma_next*sqrt((1 - eta^2) sigma^2 + eta^2
+    sigma_next^2)/sigma (sigma_next^2/sigma at eta = 1): the difference keeps few digits on a step from a
+    large sigma (zero-SNR or squaredcos_cap_v2 grids, sigma_max ~ 4e3-2e4)."""
     sigma, sigma_next = _f64(sigma, sigma_next)
     with np.errstate(divide="ignore", invalid="ignore"):
         up = np.where(sigma > 0, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5, 0)
-    up = np.minimum(sigma_next, up)
-    return (sigma_next**2 - up**2) ** 0.5, up
+        down = np.where(sigma > 0, sigma_next * np.maximum((1 - eta**2) * sigma**2 + eta**2 * sigma_next**2, 0.0)
+                        ** 0.5 / sigma, sigma_next)
+    return down, np.minimum(sigma_next, up)
 
 
 def euler_ancestral_step(sigma, sigma_down, sigma_up, *, s_noise: float = 1.0, prediction_type: str = "epsilon",

@@ -112,7 +112,7 @@ def _unit_mixture(weights, seeds, device):
     if (not isinstance(seeds, torch.Tensor) or seeds.device != device or seeds.dtype != torch.int64
             or (isinstance(weights, torch.Tensor) and weights.device.type != "cpu")):
         return None
-    key = (tuple(float(w) for w in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)), device)
+    key = (philox.host_weights(weights), device)
     unit = _UNITS.get(key)
     if unit is None:
         if len(_UNITS) > 64:

@@ -23,7 +23,7 @@ from fastdiff.integrations.diffusers.sigma_space import (
     train_betas,
     train_sigmas,
 )
-from fastdiff.samplers.euler import euler_ancestral_step
+from fastdiff.samplers.euler import ancestral_sigmas, euler_ancestral_step
 
 logger = logging.get_logger("diffusers.schedulers." + __name__)  # diffusers' verbosity applies
 
@@ -84,15 +84,10 @@ class FastEulerAncestralDiscreteScheduler(SigmaSpaceMixin, SchedulerMixin, Confi
         self._set_run(*self._schedule((n,), grid), device)
 
     def _build(self, guidance) -> tuple:
-        """Ancestral rows from the run's float32 sigmas, in float64 as every plan coefficient:
-        sigma_up = sqrt(sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2) and sigma_down in its closed form
-        sigma_to^2 / sigma_from (= sqrt(sigma_to^2 - sigma_up^2)). diffusers takes the difference in float32,
-        which cancels on a step from a large sigma (squaredcos_cap_v2, zero-SNR: sigma_max ~ 4e3-2e4): a few
-        correct digits, or the root of a negative number (NaN images)."""
+        """Ancestral rows from the run's float32 sigmas, in float64 as every plan coefficient
+        (``ancestral_sigmas``, whose sigma_down does not cancel where diffusers' float32 difference does)."""
         f, t = (a.double().numpy() for a in (self._s32[:-1], self._s32[1:]))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            sigma_up = (t**2 * (f**2 - t**2) / f**2) ** 0.5
-        sigma_down = t**2 / f
+        sigma_down, sigma_up = ancestral_sigmas(f, t)
         return (euler_ancestral_step(f, sigma_down, sigma_up, prediction_type=self.config.prediction_type,
                                      guidance=guidance),)
 
