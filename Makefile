@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BUILD_DEPS := "setuptools>=77" wheel "pybind11>=2.12" "cmake>=3.24" ninja
 NATIVE := pyproject.toml setup.py CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: demo test info bench wheel gpu-wheels clean
+.PHONY: demo test test-cuda-emulated info bench wheel gpu-wheels clean
 
 demo: $(VENV)/.demo
 	$(PY) -m fastdiff demo
@@ -15,6 +15,10 @@ demo: $(VENV)/.demo
 test: $(VENV)/.test
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
+
+# The test suite again with the CUDA kernels' code run on the host (no GPU needed; docs/architecture.md).
+test-cuda-emulated: $(VENV)/.test
+	bash .ci/cuda_emulated
 
 info: $(VENV)/.demo
 	$(PY) -m fastdiff info

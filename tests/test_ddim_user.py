@@ -14,6 +14,8 @@ from fastdiff.integrations.diffusers import FastDDIMScheduler
 from fastdiff.integrations.diffusers.base import MAX_PLANS, output
 from fastdiff.philox import randn, sample_seeds
 
+GUIDED = dict(atol=2e-5, rtol=2e-5, guided=True)  # conftest.assert_close: a fused-guidance step
+
 
 def model(x, t):
     return 0.9 * torch.tanh(x * (1.0 + float(t) / 1000.0)) + 0.05
@@ -286,8 +288,8 @@ def test_fused_guidance_equals_guidance_done_outside(device, backend, config):
         want = ref.step(u + 7.5 * (c - u), t, x, eta=0.5, variance_noise=n)
         got = fast.step(torch.cat([u, c]).to(device), t, x.to(device), eta=0.5, variance_noise=n.to(device),
                         guidance_scale=7.5)
-        assert_close(got.prev_sample, want.prev_sample, atol=2e-5, rtol=2e-5, what=f"guided prev t={t}")
-        assert_close(got.pred_original_sample, want.pred_original_sample, atol=2e-5, rtol=2e-5, what="guided x0")
+        assert_close(got.prev_sample, want.prev_sample, **GUIDED, what=f"guided prev t={t}")
+        assert_close(got.pred_original_sample, want.pred_original_sample, **GUIDED, what="guided x0")
     with pytest.raises(ValueError, match=r"model_output: with guidance_scale it holds \[uncond; cond\]"):
         fast.step(c, 400, x, guidance_scale=2.0)
 

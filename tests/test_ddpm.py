@@ -39,6 +39,8 @@ VARIANTS = {  # config, set_timesteps arguments
     "trailing-61-ends-at-minus-1": (dict(timestep_spacing="trailing", clip_sample=False), dict(num_inference_steps=61)),
 }
 
+GUIDED = dict(atol=2e-5, rtol=2e-5, guided=True)  # conftest.assert_close: a fused-guidance step
+
 
 def model(x, t, learned=None):
     """A smooth stand-in for a network; with a learned variance type, the variance channels appended (a
@@ -270,8 +272,8 @@ def test_fused_guidance_equals_guidance_done_outside(device, backend, config):
         got = fast.step(torch.cat([u, c]).to(device), t, x.to(device), guidance_scale=7.5,
                         generator=torch.Generator().manual_seed(t) if device == "cpu" else None)
         if device == "cpu" or t == 0:
-            assert_close(got.prev_sample, want.prev_sample, atol=2e-5, rtol=2e-5, what=f"guided prev t={t}")
-        assert_close(got.pred_original_sample, want.pred_original_sample, atol=2e-5, rtol=2e-5, what="guided x0")
+            assert_close(got.prev_sample, want.prev_sample, **GUIDED, what=f"guided prev t={t}")
+        assert_close(got.pred_original_sample, want.pred_original_sample, **GUIDED, what="guided x0")
     with pytest.raises(ValueError, match=r"model_output: with guidance_scale it holds \[uncond; cond\]"):
         fast.step(torch.cat([u, c])[:3].to(device), 900, x.to(device), guidance_scale=2.0)
 

@@ -90,6 +90,8 @@ VARIANTS = {
     "heun-cosine-clip-eps": (HEUN, dict(beta_schedule="squaredcos_cap_v2", clip_sample=True), {}),
 }
 
+GUIDED = dict(atol=2e-5, rtol=2e-5, guided=True)  # conftest.assert_close: a fused-guidance step
+
 
 def model(x, t):
     """A fixed smooth stand-in for a network: depends on the (scaled) sample and the timestep."""
@@ -387,8 +389,8 @@ def test_fused_guidance_equals_guidance_done_outside(device, backend, family):
     for t in ref.timesteps[:3]:
         want = ref.step(u + 7.5 * (c - u), t, xr, **step_kw, **seeded)
         got = fast.step(torch.cat([u, c]).to(device), t.to(device), xf, **step_kw, **seeded_fast, guidance_scale=7.5)
-        assert_close(got.prev_sample, want.prev_sample, atol=2e-5, rtol=2e-5, what=f"{family} guided prev t={t}")
-        assert_close(got.pred_original_sample, want.pred_original_sample, atol=2e-5, rtol=2e-5, what="guided x0")
+        assert_close(got.prev_sample, want.prev_sample, **GUIDED, what=f"{family} guided prev t={t}")
+        assert_close(got.pred_original_sample, want.pred_original_sample, **GUIDED, what="guided x0")
         xr, xf = want.prev_sample, got.prev_sample
     with pytest.raises(ValueError, match=r"model_output: with guidance_scale it holds \[uncond; cond\]"):
         fast.step(c.to(device), ref.timesteps[3].to(device), xf, guidance_scale=2.0)
