@@ -1,7 +1,8 @@
 """The CUDA kernels' code, run on the host (tests/cuda_emul: csrc/cuda compiled as C++ against an execution
 model of blocks, fiber threads, __syncthreads and warp shuffles), where CI has no GPU:
 
-- the step kernel against the float64 oracle of tests/cases.py, with every tensor 16-byte aligned (the
+- the step kernel (grids capped at 2 sample rows: batches of 3 and 5 take the blocks-walk-samples path)
+  against the float64 oracle of tests/cases.py, with every tensor 16-byte aligned (the
   vector loads) or one element off (the scalar path), odd sizes (a sample's tail inside a vector) and
   partial blocks; each output sits between guard elements that must come back untouched;
 - the harness itself: a barrier some threads skip, a shuffle some lanes skip and a grid past the hardware's

@@ -10,6 +10,7 @@
 #include <algorithm>
 
 #include "device_guard.cuh"
+#include "launch.cuh"
 #include "fastdiff/gmm.cuh"
 
 namespace fastdiff {
@@ -114,7 +115,7 @@ template <typename T>
 cudaError_t launch_noise(const GmmNoiseParams& p, cudaStream_t stream) {
   const int64_t blocks = ((p.numel + 3) / 4 + kThreads - 1) / kThreads;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
-  const dim3 grid(unsigned(blocks), unsigned(std::min<int64_t>(p.batch, 65535)));
+  const dim3 grid(unsigned(blocks), unsigned(std::min<int64_t>(p.batch, kMaxGridY)));
   gmm_noise_kernel<T><<<grid, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
@@ -123,7 +124,7 @@ template <typename T>
 cudaError_t launch_score(const GmmScoreParams& p, cudaStream_t stream) {
   const size_t smem = size_t(p.n_comp) * (kWarps + 1) * sizeof(float);
   if (smem > 48 * 1024) return cudaErrorInvalidValue;  // K > 1365 components
-  const unsigned grid = unsigned(std::min<int64_t>(p.batch, 1 << 20));
+  const unsigned grid = unsigned(std::min<int64_t>(p.batch, kMaxRowBlocks));
   gmm_score_kernel<T><<<grid, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }

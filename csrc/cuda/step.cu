@@ -8,6 +8,7 @@
 #include <algorithm>
 
 #include "device_guard.cuh"
+#include "launch.cuh"
 #include "fastdiff/step.cuh"
 
 namespace fastdiff {
@@ -49,7 +50,7 @@ __device__ FD_INLINE void store(void* base, int64_t off, int n, bool vec, const 
   }
 }
 
-// grid = (ceil(D / (kThreads*N)), min(B, 65535)); a block walks samples blockIdx.y, + gridDim.y, ...
+// grid = (ceil(D / (kThreads*N)), min(B, kMaxGridY)); a block walks samples blockIdx.y, + gridDim.y, ...
 // Thread 0 maps the sample's plan row onto linear terms (linear_terms) in shared memory; every thread
 // then accumulates its N elements through registers. A zero weight skips its product (uniform branch).
 template <typename T, int N, int NOUT>
@@ -142,7 +143,7 @@ cudaError_t launch(const StepParams& p, cudaStream_t stream) {
     vec = vec && aligned16(q);
   const int64_t blocks_x = (p.numel + int64_t(kThreads) * N - 1) / (int64_t(kThreads) * N);
   if (blocks_x > 0x7fffffff) return cudaErrorInvalidValue;
-  const dim3 grid(unsigned(blocks_x), unsigned(std::min<int64_t>(p.batch, 65535)));
+  const dim3 grid(unsigned(blocks_x), unsigned(std::min<int64_t>(p.batch, kMaxGridY)));
   switch (p.n_out) {
     case 1: step_kernel<T, N, 1><<<grid, kThreads, 0, stream>>>(p, vec); break;
     case 2: step_kernel<T, N, 2><<<grid, kThreads, 0, stream>>>(p, vec); break;

@@ -51,7 +51,9 @@ def _flags() -> list[str]:
             "-Wno-psabi",
             f"-I{HERE}", f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc' / 'cuda'}",
             f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
-            "-DFASTDIFF_WITH_CUDA=1", "-DFASTDIFF_WITH_OPENMP=1", '-DFASTDIFF_CUDA_ARCHS="emulated"']
+            "-DFASTDIFF_WITH_CUDA=1", "-DFASTDIFF_WITH_OPENMP=1", '-DFASTDIFF_CUDA_ARCHS="emulated"',
+            # grids of at most 2 sample rows: batches above 2 take the path a GPU takes past 65535 samples
+            "-DFASTDIFF_CUDA_GRID_CAP=2"]
 
 
 def build(out_root: Path | None = None) -> Path:
