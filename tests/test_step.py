@@ -255,7 +255,8 @@ def test_forced_backend_from_environment(monkeypatch):
 
 
 def test_device_rows_outside_table_give_nan():
-    """A row index that lives on the device cannot be checked without a sync: the kernels write NaN."""
+    """A row index or component id that lives on the device cannot be checked without a sync: the kernels
+    write NaN."""
     require_backend("cpu")
     kw = make_case(CONFIGS["ddim"], (2, 3, 4, 4))
     # Present the rows as if they were on the device: bypass the host check by calling the backend.
@@ -264,6 +265,13 @@ def test_device_rows_outside_table_give_nan():
     outs = [torch.empty(a.shape) for _ in range(a.n_out)]
     run(a, outs, "cpu")
     assert torch.isfinite(outs[0][0]).all() and torch.isnan(outs[0][1]).all()
+    # so do device component ids outside the tables (DDIM-GMM's k_n), in every output of that sample
+    a = validate(**make_case(CONFIGS["gmm"], (3, 3, 4, 4)))
+    a.component = torch.tensor([0, 3, -1])
+    outs = [torch.empty(a.shape) for _ in range(a.n_out)]
+    run(a, outs, "cpu")
+    for out in outs:
+        assert torch.isfinite(out[0]).all() and torch.isnan(out[1:]).all()
 
 
 def test_opcheck():
