@@ -7,12 +7,14 @@ build/cuda_emul/. The CUDA sources are compiled unchanged but for two rewrites, 
 
 The module is the real ``_C`` in every other respect (bindings.cpp, the CPU kernels): its ``step_cuda``,
 ``gmm_noise_cuda`` and ``gmm_score_cuda`` take host pointers and run the CUDA kernels' code.
-Run as a script, it builds and prints the path.
+Run as a script, it builds and prints the path. FASTDIFF_EMUL_EXTRA adds compiler and linker flags, e.g.
+``-fsanitize=undefined -fno-sanitize-recover=all`` to run the suite with the kernels under UBSan.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -53,7 +55,11 @@ def _flags() -> list[str]:
             f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
             "-DFASTDIFF_WITH_CUDA=1", "-DFASTDIFF_WITH_OPENMP=1", '-DFASTDIFF_CUDA_ARCHS="emulated"',
             # grids of at most 2 sample rows: batches above 2 take the path a GPU takes past 65535 samples
-            "-DFASTDIFF_CUDA_GRID_CAP=2"]
+            "-DFASTDIFF_CUDA_GRID_CAP=2", *_extra()]
+
+
+def _extra() -> list[str]:
+    return os.environ.get("FASTDIFF_EMUL_EXTRA", "").split()
 
 
 def build(out_root: Path | None = None) -> Path:
@@ -87,7 +93,7 @@ def build(out_root: Path | None = None) -> Path:
     with ThreadPoolExecutor(max_workers=2) as pool:
         objs = list(pool.map(compile_unit, units))
     tmp = module.with_suffix(".tmp")
-    run([cxx, "-shared", "-fopenmp", *map(str, objs), "-o", str(tmp)])
+    run([cxx, "-shared", "-fopenmp", *_extra(), *map(str, objs), "-o", str(tmp)])
     tmp.rename(module)
     return module
 
