@@ -83,6 +83,35 @@ def test_step_kernel_low_precision(emulated, name, dtype, lead):
         assert err <= 2 * err_naive + 1e-6, f"{dtype} out{k}: error {err:.3g} vs naive {err_naive:.3g}"
 
 
+@pytest.mark.parametrize("case", range(40))
+def test_step_kernel_random_cases(emulated, case):
+    """Seeded random cases: a configuration, 1-7 samples of 1-3000 elements, a storage dtype, each tensor's
+    own offset from a 16-byte boundary (0-3 elements: vector and scalar paths mixed in one launch), plan rows
+    one or per sample; against the float64 oracle (fp32) or the accuracy rule (fp16/bf16)."""
+    g = torch.Generator().manual_seed(1000 + case)
+    pick = lambda n: int(torch.randint(0, n, (1,), generator=g))  # noqa: E731
+    name = list(CONFIGS)[pick(len(CONFIGS))]
+    shape = (1 + pick(7), 1 + pick(3000))
+    dtype = (torch.float32, torch.float16, torch.bfloat16)[pick(3)]
+    kw = make_case(CONFIGS[name], shape, dtype, rows=("one", "per-sample", "broadcast")[pick(3)], seed=case)
+    moved = {k: ([placed(t, pick(4))[1] for t in v] if isinstance(v, list) else placed(v, pick(4))[1])
+             if k in ("x", "x_last", "noise", "e", "e_uncond", "m") else v for k, v in kw.items()}
+    a = validate(**moved)  # a.dtype: the inputs' (float32 where no tensor input comes: noise-only)
+    bufs = [placed(torch.empty(a.shape, dtype=a.dtype), pick(4)) for _ in range(a.n_out)]
+    emulated.step_cuda(native_args(a, [v for _, v in bufs]), 0, 0)
+    want = oracle(kw)
+    naive = reference_outputs(validate(**kw), compute_dtype=a.dtype) if a.dtype != torch.float32 else None
+    for k, (buf, got) in enumerate(bufs):
+        lead = got.data_ptr() // got.element_size() - buf.data_ptr() // buf.element_size()
+        assert torch.isnan(buf[:lead].float()).all() and torch.isnan(buf[lead + got.numel():].float()).all()
+        w = want[k].reshape(got.shape)
+        if naive is None:
+            torch.testing.assert_close(got.double(), w, atol=2e-5, rtol=2e-5, msg=f"{name} {shape} out{k}")
+        else:
+            err, err_naive = ((t.double() - w).abs().max().item() for t in (got, naive[k]))
+            assert err <= 2 * err_naive + 1e-6, f"{name} {shape} {dtype} out{k}: {err:.3g} vs naive {err_naive:.3g}"
+
+
 BAD_KERNELS = r"""
 #include <cuda_runtime.h>
 #include <cstdio>
