@@ -21,16 +21,10 @@ void step(const StepParams& p);
 int64_t gmm_noise(const GmmNoiseParams& p);  // returns the number of bad given ids
 void gmm_score(const GmmScoreParams& p);
 }  // namespace cpu
-#if defined(FASTDIFF_WITH_CUDA)
-namespace cuda {
-int step(const StepParams& p, int device, uintptr_t stream);
-int gmm_noise(const GmmNoiseParams& p, int device, uintptr_t stream);
-int gmm_score(const GmmScoreParams& p, int device, uintptr_t stream);
-const char* error_string(int code);
-int device_count(int* count);
-}  // namespace cuda
-#endif
 }  // namespace fastdiff
+#if defined(FASTDIFF_WITH_CUDA)
+#include "cuda/entry.h"
+#endif
 
 using fastdiff::StepParams;
 

@@ -10,6 +10,7 @@
 #include <algorithm>
 
 #include "device_guard.cuh"
+#include "entry.h"
 #include "launch.cuh"
 #include "fastdiff/gmm.cuh"
 

@@ -8,6 +8,7 @@
 #include <algorithm>
 
 #include "device_guard.cuh"
+#include "entry.h"
 #include "launch.cuh"
 #include "fastdiff/step.cuh"
 

@@ -8,9 +8,10 @@
 // __syncthreads waits for every thread of the block, and one that some thread exits without reaching
 // is reported, as is a shuffle that not all 32 lanes of a warp reach (both undefined behaviour on a GPU).
 // Launch configurations are checked against the limits of the hardware (grid.y <= 65535, 1024 threads a
-// block, 48 KiB of dynamic shared memory without opt-in). What it does not model: memory ordering
-// between blocks, warp-synchronous code without shuffles, and device-only intrinsics (the kernels' shared
-// headers take their host paths here: __CUDA_ARCH__ is not defined).
+// block, 48 KiB of dynamic shared memory without opt-in). The units are compiled with __CUDA_ARCH__ defined
+// (build.py), so the shared headers' device paths run, on the stand-in intrinsics at the end of this file
+// and in cuda_fp16.h / cuda_bf16.h. What it does not model: memory ordering between blocks, and
+// warp-synchronous code without shuffles.
 #pragma once
 #include <ucontext.h>
 
@@ -216,6 +217,19 @@ T __shfl_down_sync(unsigned mask, T v, int delta) {
   fd_emul::wait(fd_emul::kWarpWait);  // every lane has read
   return r;
 }
+
+// The bit casts and integer intrinsics of fastdiff's device paths (__CUDA_ARCH__ is defined for them).
+inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline unsigned __umulhi(unsigned a, unsigned b) { return unsigned((uint64_t(a) * b) >> 32); }
 
 inline cudaError_t cudaGetLastError() {
   const cudaError_t e = fd_emul::device().last;
