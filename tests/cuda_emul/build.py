@@ -1,9 +1,10 @@
 """Build fastdiff._C with its CUDA kernels emulated on the host (tests/cuda_emul/cuda_runtime.h), for CI
 without a GPU: ``build()`` returns the path of the module, built once per source content under
-build/cuda_emul/. The CUDA sources are compiled unchanged but for two rewrites, done here:
+build/cuda_emul/. The CUDA sources are compiled unchanged but for three rewrites, done here:
 
 - ``kernel<<<grid, block[, smem[, stream]]>>>(args);`` -> ``fd_emul::launch([&] { kernel(args); }, grid, ...);``
 - ``extern __shared__ T name[];`` -> ``T* name = fd_emul::dynamic_shared<T>();``
+- ``__shared__ T name[n];`` -> ``auto& name = fd_emul::block_shared<T[n], id>();`` (poisoned per block)
 
 The module is the real ``_C`` in every other respect (bindings.cpp, the CPU kernels): its ``step_cuda``,
 ``gmm_noise_cuda`` and ``gmm_score_cuda`` take host pointers and run the CUDA kernels' code.
@@ -34,11 +35,13 @@ DEVICE_FLAGS = ("-D__CUDACC__", "-D__CUDA_ARCH__=900", "-Dfastdiff=fastdiff_devi
 
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\s*\((.*?)\)\s*;", re.S)
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(\w+)\s+(\w+)\s*\[\s*\]\s*;")
+_SHARED = re.compile(r"__shared__\s+([\w:]+)\s+(\w+)\s*(\[[^\]]*\])?\s*;")
 
 
 def rewrite(src: str) -> str:
     """The CUDA source `src` as C++ for the emulation (the two rewrites of the module docstring)."""
     src = _EXTERN_SHARED.sub(r"\1* \2 = fd_emul::dynamic_shared<\1>();", src)
+    src = _SHARED.sub(r"auto& \2 = fd_emul::block_shared<\1\3, __COUNTER__>();", src)
     out, n = _LAUNCH.subn(lambda m: f"fd_emul::launch([&] {{ {m[1]}({m[3]}); }}, {m[2]});", src)
     if "<<<" in out:
         raise RuntimeError("cuda_emul: a kernel launch the rewrite does not understand is left")

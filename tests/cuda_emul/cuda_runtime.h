@@ -21,6 +21,7 @@
 #include <cstring>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #define __global__
@@ -67,6 +68,9 @@ struct Device {
   const std::function<void()>* body = nullptr;
   std::vector<uint64_t> lanes;        // one value per thread: the warp shuffles' exchange
   std::vector<unsigned char> dynamic;  // the launch's dynamic shared memory
+  std::vector<std::pair<void*, size_t>> shared;  // every static __shared__ variable: poisoned per block
+  std::vector<int> order;                        // the order threads run in, shuffled every phase
+  uint64_t rng = 0x9e3779b97f4a7c15ull;
   cudaError_t last = cudaSuccess;
   std::string message;
   int current_device = 0;
@@ -119,10 +123,22 @@ inline bool run_block(int threads) {
     makecontext(&f.ctx, entry, 0);
     f.state = kReady;
   }
+  // Shared memory starts as garbage on a GPU: all-ones bytes here (NaN floats, -1 ints, wild pointers).
+  for (auto& [ptr, size] : d.shared) std::memset(ptr, 0xff, size);
+  std::memset(d.dynamic.data(), 0xff, d.dynamic.size());
+  d.order.resize(threads);
+  for (int t = 0; t < threads; ++t) d.order[t] = t;
   const std::string where = "block (" + std::to_string(blockIdx.x) + ", " + std::to_string(blockIdx.y) + ", " +
                             std::to_string(blockIdx.z) + ")";
   for (;;) {
-    for (int t = 0; t < threads; ++t) {
+    // Between two barriers threads run in a fresh random order (a fixed-seed generator: reproducible), so a
+    // read of shared memory that another thread writes in the same phase - a missing __syncthreads - sees
+    // the poison or a stale value in some blocks, whichever thread writes.
+    for (int i = threads - 1; i > 0; --i) {
+      d.rng = d.rng * 6364136223846793005ull + 1442695040888963407ull;
+      std::swap(d.order[i], d.order[int((d.rng >> 33) % uint64_t(i + 1))]);
+    }
+    for (int t : d.order) {
       if (d.fibers[t].state != kReady) continue;
       d.current = t;
       set_thread(t);
@@ -186,7 +202,7 @@ void launch(Body body, dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nu
   blockDim = block;
   const int threads = int(block.x * block.y * block.z);
   d.lanes.assign(threads, 0);
-  d.dynamic.assign(smem + 16, 0xcd);  // not zero: a kernel reading shared memory it did not write shows it
+  d.dynamic.assign(smem + 16, 0xff);
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
@@ -198,6 +214,20 @@ void launch(Body body, dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nu
 template <typename T>
 T* dynamic_shared() {
   return reinterpret_cast<T*>(device().dynamic.data());
+}
+
+// `__shared__ T name;` (T may be an array type), rewritten by build.py as `auto& name = block_shared<T, id>();`:
+// one variable for the block (blocks run in turn), poisoned at every block's start.
+template <typename T, int Id>
+T& block_shared() {
+  static T storage;
+  static const bool registered = [] {
+    device().shared.emplace_back(&storage, sizeof(T));
+    std::memset(&storage, 0xff, sizeof(T));
+    return true;
+  }();
+  (void)registered;
+  return storage;
 }
 
 }  // namespace fd_emul
