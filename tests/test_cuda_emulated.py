@@ -38,16 +38,37 @@ def placed(t: torch.Tensor, lead: int):
     return buf, view
 
 
-def place_inputs(kw: dict, lead: int) -> dict:
-    """The case with every batch-shaped tensor moved `lead` elements off its buffer's (aligned) start."""
+def place_inputs(kw: dict, at) -> dict:
+    """The case with every batch-shaped tensor moved ``at()`` elements off its buffer's (aligned) start."""
     out = {}
     for k, v in kw.items():
         if isinstance(v, torch.Tensor) and k in ("x", "x_last", "noise"):
-            v = placed(v, lead)[1]
+            v = placed(v, at())[1]
         elif isinstance(v, list) and k in ("e", "e_uncond", "m"):
-            v = [placed(t, lead)[1] for t in v]
+            v = [placed(t, at())[1] for t in v]
         out[k] = v
     return out
+
+
+def check_launch(emulated, kw: dict, lead, what: str) -> None:
+    """Step case `kw` on the emulated kernel, every tensor `lead` elements off a 16-byte boundary (a callable:
+    each its own); the guards must stay NaN, and the outputs equal the float64 oracle (fp32 storage) or meet
+    the accuracy rule against it (fp16/bf16: at most 2x the error of the reference run in that dtype)."""
+    at = lead if callable(lead) else (lambda: lead)
+    a = validate(**place_inputs(kw, at))  # a.dtype: the inputs' (float32 where no tensor input comes: noise-only)
+    bufs = [placed(torch.empty(a.shape, dtype=a.dtype), at()) for _ in range(a.n_out)]
+    emulated.step_cuda(native_args(a, [v for _, v in bufs]), 0, 0)
+    naive = None if a.dtype == torch.float32 else reference_outputs(validate(**kw), compute_dtype=a.dtype)
+    for k, ((buf, got), want) in enumerate(zip(bufs, oracle(kw))):
+        n = (got.data_ptr() - buf.data_ptr()) // got.element_size()
+        assert torch.isnan(buf[:n].float()).all() and torch.isnan(buf[n + got.numel():].float()).all(), \
+            f"{what} out{k}: guard written"
+        want = want.reshape(got.shape)
+        if naive is None:
+            torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5, msg=f"{what} out{k}")
+        else:
+            err, err_naive = ((t.double() - want).abs().max().item() for t in (got, naive[k]))
+            assert err <= 2 * err_naive + 1e-6, f"{what} out{k}: error {err:.3g} vs naive {err_naive:.3g}"
 
 
 SHAPES = [(3, 5, 17, 19), (2, 4, 8, 8), (1, 7), (2, 4, 16, 33), (1, 1, 3, 1031)]
@@ -57,13 +78,7 @@ SHAPES = [(3, 5, 17, 19), (2, 4, 8, 8), (1, 7), (2, 4, 16, 33), (1, 1, 3, 1031)]
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_step_kernel_matches_oracle(emulated, name, shape, lead):
-    kw = make_case(CONFIGS[name], shape, rows="per-sample" if shape[0] > 2 else "one")
-    a = validate(**place_inputs(kw, lead))
-    bufs = [placed(torch.empty(a.shape), lead) for _ in range(a.n_out)]
-    emulated.step_cuda(native_args(a, [v for _, v in bufs]), 0, 0)
-    for k, ((buf, got), want) in enumerate(zip(bufs, oracle(kw))):
-        assert torch.isnan(buf[:lead]).all() and torch.isnan(buf[lead + got.numel():]).all(), f"out{k}: guard written"
-        torch.testing.assert_close(got.double(), want.reshape(got.shape), atol=2e-5, rtol=2e-5, msg=f"{name} out{k}")
+    check_launch(emulated, make_case(CONFIGS[name], shape, rows="per-sample" if shape[0] > 2 else "one"), lead, name)
 
 
 @pytest.mark.parametrize("lead", [0, 3], ids=["vector", "scalar"])
@@ -71,16 +86,7 @@ def test_step_kernel_matches_oracle(emulated, name, shape, lead):
 @pytest.mark.parametrize("name", ["ddim", "everything"])
 def test_step_kernel_low_precision(emulated, name, dtype, lead):
     """16-bit storage (8 elements a vector): the accuracy rule of docs/architecture.md against the oracle."""
-    kw = make_case(CONFIGS[name], (3, 8, 16, 17), dtype, rows="per-sample")
-    a = validate(**place_inputs(kw, lead))
-    bufs = [placed(torch.empty(a.shape, dtype=dtype), lead) for _ in range(a.n_out)]
-    emulated.step_cuda(native_args(a, [v for _, v in bufs]), 0, 0)
-    naive = reference_outputs(validate(**kw), compute_dtype=dtype)
-    for k, ((buf, got), want) in enumerate(zip(bufs, oracle(kw))):
-        assert torch.isnan(buf[:lead].float()).all() and torch.isnan(buf[lead + got.numel():].float()).all()
-        err = (got.double() - want.reshape(got.shape)).abs().max().item()
-        err_naive = (naive[k].double() - want.reshape(got.shape)).abs().max().item()
-        assert err <= 2 * err_naive + 1e-6, f"{dtype} out{k}: error {err:.3g} vs naive {err_naive:.3g}"
+    check_launch(emulated, make_case(CONFIGS[name], (3, 8, 16, 17), dtype, rows="per-sample"), lead, f"{name} {dtype}")
 
 
 @pytest.mark.parametrize("case", range(40))
@@ -89,27 +95,15 @@ def test_step_kernel_random_cases(emulated, case):
     own offset from a 16-byte boundary (0-3 elements: vector and scalar paths mixed in one launch), plan rows
     one or per sample; against the float64 oracle (fp32) or the accuracy rule (fp16/bf16)."""
     g = torch.Generator().manual_seed(1000 + case)
-    pick = lambda n: int(torch.randint(0, n, (1,), generator=g))  # noqa: E731
+
+    def pick(n: int) -> int:
+        return int(torch.randint(0, n, (1,), generator=g))
+
     name = list(CONFIGS)[pick(len(CONFIGS))]
     shape = (1 + pick(7), 1 + pick(3000))
     dtype = (torch.float32, torch.float16, torch.bfloat16)[pick(3)]
     kw = make_case(CONFIGS[name], shape, dtype, rows=("one", "per-sample", "broadcast")[pick(3)], seed=case)
-    moved = {k: ([placed(t, pick(4))[1] for t in v] if isinstance(v, list) else placed(v, pick(4))[1])
-             if k in ("x", "x_last", "noise", "e", "e_uncond", "m") else v for k, v in kw.items()}
-    a = validate(**moved)  # a.dtype: the inputs' (float32 where no tensor input comes: noise-only)
-    bufs = [placed(torch.empty(a.shape, dtype=a.dtype), pick(4)) for _ in range(a.n_out)]
-    emulated.step_cuda(native_args(a, [v for _, v in bufs]), 0, 0)
-    want = oracle(kw)
-    naive = reference_outputs(validate(**kw), compute_dtype=a.dtype) if a.dtype != torch.float32 else None
-    for k, (buf, got) in enumerate(bufs):
-        lead = got.data_ptr() // got.element_size() - buf.data_ptr() // buf.element_size()
-        assert torch.isnan(buf[:lead].float()).all() and torch.isnan(buf[lead + got.numel():].float()).all()
-        w = want[k].reshape(got.shape)
-        if naive is None:
-            torch.testing.assert_close(got.double(), w, atol=2e-5, rtol=2e-5, msg=f"{name} {shape} out{k}")
-        else:
-            err, err_naive = ((t.double() - w).abs().max().item() for t in (got, naive[k]))
-            assert err <= 2 * err_naive + 1e-6, f"{name} {shape} {dtype} out{k}: {err:.3g} vs naive {err_naive:.3g}"
+    check_launch(emulated, kw, lambda: pick(4), f"{name} {shape} {dtype}")
 
 
 BAD_KERNELS = r"""

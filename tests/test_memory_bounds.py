@@ -9,6 +9,7 @@ test that names its case."""
 
 import ctypes
 import mmap
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 
 PAGE = mmap.PAGESIZE
 _MAPS = []  # keeps the fenced mappings alive for the child's lifetime
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def fenced(t: torch.Tensor, end: bool) -> torch.Tensor:
@@ -27,9 +29,8 @@ def fenced(t: torch.Tensor, end: bool) -> torch.Tensor:
     pages = max(1, -(-nbytes // PAGE))
     m = mmap.mmap(-1, (pages + 2) * PAGE)
     base = ctypes.addressof(ctypes.c_char.from_buffer(m))
-    libc = ctypes.CDLL(None, use_errno=True)
     for addr in (base, base + (pages + 1) * PAGE):
-        if libc.mprotect(ctypes.c_void_p(addr), ctypes.c_size_t(PAGE), 0) != 0:
+        if _LIBC.mprotect(ctypes.c_void_p(addr), ctypes.c_size_t(PAGE), 0) != 0:
             raise OSError(ctypes.get_errno(), "mprotect")
     _MAPS.append(m)
     start = PAGE + (pages * PAGE - nbytes if end else 0)
@@ -112,7 +113,7 @@ def test_no_kernel_reads_or_writes_outside_its_tensors(kernels):
         pytest.skip(f"fastdiff._C: {backends.native()[1]}")
     env_flag = "1" if kernels == "cuda-emulated" else "0"
     res = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=600,
-                         env={**__import__("os").environ, "FASTDIFF_EMULATED_CUDA": env_flag})
+                         env={**os.environ, "FASTDIFF_EMULATED_CUDA": env_flag})
     lines = res.stdout.splitlines()
     last = next((line for line in reversed(lines) if line.startswith("case ")), "before the first case")
     assert res.returncode == 0, (f"{kernels}: the child died (exit {res.returncode}) in {last[5:]}\n"
@@ -122,10 +123,6 @@ def test_no_kernel_reads_or_writes_outside_its_tensors(kernels):
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import os
+    import conftest  # noqa: F401  (under FASTDIFF_EMULATED_CUDA=1 it routes the native calls, as in the suite)
 
-    if os.environ.get("FASTDIFF_EMULATED_CUDA", "0") not in ("", "0"):
-        from cuda_emul.build import install
-
-        install()
     run_cases()

@@ -39,13 +39,15 @@ _SHARED = re.compile(r"__shared__\s+([\w:]+)\s+(\w+)\s*(\[[^\]]*\])?\s*;")
 
 
 def rewrite(src: str) -> str:
-    """The CUDA source `src` as C++ for the emulation (the two rewrites of the module docstring)."""
+    """The CUDA source `src` as C++ for the emulation (the three rewrites of the module docstring); a launch or a
+    shared variable the rewrites do not understand is an error (it would compile, unchecked or unpoisoned)."""
     src = _EXTERN_SHARED.sub(r"\1* \2 = fd_emul::dynamic_shared<\1>();", src)
     src = _SHARED.sub(r"auto& \2 = fd_emul::block_shared<\1\3, __COUNTER__>();", src)
-    out, n = _LAUNCH.subn(lambda m: f"fd_emul::launch([&] {{ {m[1]}({m[3]}); }}, {m[2]});", src)
-    if "<<<" in out:
-        raise RuntimeError("cuda_emul: a kernel launch the rewrite does not understand is left")
-    return out
+    src = _LAUNCH.sub(lambda m: f"fd_emul::launch([&] {{ {m[1]}({m[3]}); }}, {m[2]});", src)
+    for left, what in (("<<<", "kernel launch"), ("__shared__", "shared variable")):
+        if left in src:
+            raise RuntimeError(f"cuda_emul: a {what} the rewrite does not understand is left")
+    return src
 
 
 def compiler() -> str | None:
@@ -122,9 +124,6 @@ def load(path: Path):
     return mod
 
 
-if __name__ == "__main__":
-    print(build())
-
 
 def install() -> None:
     """Route every native call of the ``cpu`` backend to the emulated CUDA kernels: the tests of the cpu
@@ -142,3 +141,7 @@ def install() -> None:
     if checked is None:
         raise RuntimeError(f"cuda_emul: {why}")
     backends.native = lambda: (checked, "")
+
+
+if __name__ == "__main__":
+    print(build())

@@ -1,10 +1,12 @@
 // A CUDA execution model on the host, for testing fastdiff's CUDA kernels on a machine without a GPU.
 // tests/cuda_emul/build.py compiles csrc/cuda/*.cu as C++ against this header (it stands in for the
 // toolkit's cuda_runtime.h) after rewriting each `kernel<<<grid, block, smem, stream>>>(args)` into
-// `fd_emul::launch(...)` and `extern __shared__` arrays into the launch's dynamic shared memory.
+// `fd_emul::launch(...)`, `extern __shared__` arrays into the launch's dynamic shared memory and other
+// `__shared__` variables into block_shared's storage.
 //
 // The model: blocks run one after another; the threads of a block are fibers (ucontext) on one OS
-// thread, switched only at __syncthreads and warp shuffles, so a block's shared memory is a static local.
+// thread, switched only at __syncthreads and warp shuffles, so a block's shared memory is one static copy,
+// poisoned at each block's start, and threads run in a random order between barriers (run_block).
 // __syncthreads waits for every thread of the block, and one that some thread exits without reaching
 // is reported, as is a shuffle that not all 32 lanes of a warp reach (both undefined behaviour on a GPU).
 // Launch configurations are checked against the limits of the hardware (grid.y <= 65535, 1024 threads a
@@ -29,7 +31,6 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
 
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9,
                    cudaErrorLaunchFailure = 719 };
@@ -91,8 +92,7 @@ inline void wait(State s) {
   Device& d = device();
   Fiber& f = d.fibers[d.current];
   f.state = s;
-  swapcontext(&f.ctx, &d.main);
-  set_thread(d.current);
+  swapcontext(&f.ctx, &d.main);  // the scheduler sets threadIdx before it resumes this thread
 }
 
 inline void entry() {
@@ -172,21 +172,15 @@ inline bool run_block(int threads) {
   }
 }
 
-struct Config {
-  dim3 grid, block;
-  size_t smem;
-};
-
-inline bool check(const Config& c) {
-  const uint64_t threads = uint64_t(c.block.x) * c.block.y * c.block.z;
-  if (threads == 0 || threads > 1024 || c.block.z > 64)
+inline bool check(dim3 grid, dim3 block, size_t smem) {
+  const uint64_t threads = uint64_t(block.x) * block.y * block.z;
+  if (threads == 0 || threads > 1024 || block.z > 64)
     return fail(cudaErrorInvalidConfiguration, "block of " + std::to_string(threads) + " threads");
-  if (c.grid.x == 0 || c.grid.y == 0 || c.grid.z == 0 || c.grid.y > 65535 || c.grid.z > 65535 ||
-      c.grid.x > 0x7fffffffu)
-    return fail(cudaErrorInvalidConfiguration, "grid (" + std::to_string(c.grid.x) + ", " +
-                std::to_string(c.grid.y) + ", " + std::to_string(c.grid.z) + ")");
-  if (c.smem > 48 * 1024)
-    return fail(cudaErrorInvalidConfiguration, std::to_string(c.smem) + " bytes of dynamic shared memory");
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535 || grid.x > 0x7fffffffu)
+    return fail(cudaErrorInvalidConfiguration, "grid (" + std::to_string(grid.x) + ", " +
+                std::to_string(grid.y) + ", " + std::to_string(grid.z) + ")");
+  if (smem > 48 * 1024)
+    return fail(cudaErrorInvalidConfiguration, std::to_string(smem) + " bytes of dynamic shared memory");
   return true;
 }
 
@@ -194,15 +188,14 @@ inline bool check(const Config& c) {
 template <typename Body>
 void launch(Body body, dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nullptr) {
   Device& d = device();
-  const Config c{grid, block, smem};
-  if (!check(c)) return;
+  if (!check(grid, block, smem)) return;
   const std::function<void()> fn = body;
   d.body = &fn;
   gridDim = grid;
   blockDim = block;
   const int threads = int(block.x * block.y * block.z);
   d.lanes.assign(threads, 0);
-  d.dynamic.assign(smem + 16, 0xff);
+  d.dynamic.resize(smem + 16);  // poisoned by run_block
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
