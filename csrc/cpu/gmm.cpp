@@ -3,8 +3,8 @@
 // gmm_noise: tasks of 4096 elements of one sample (per element / channel in chunk-major order, so that the
 // [K, D] tables' columns of a chunk are read from memory once for all samples), worked 256 at a time: the block's components (given,
 // or drawn: per element from the Philox words of the block's 64 groups, computed round by round across
-// groups so that the loop vectorises; per channel / sample once per draw), its normals (given, or
-// philox_lanes), then x = mu_k + s_k * z and the ids in one pass.
+// groups so that the loop vectorises; per channel / sample once per draw), its normals (philox_lanes), then
+// x = mu_k + s_k * z and the ids in one pass, which also reads the given draws (ids, normals).
 // gmm_score: one sample row per task: K reductions over D in 16 lanes, the stable log-sum-exp, then the
 // weighted score accumulated over components in a row buffer; every row is independent of the batch.
 // Portable build: the loops are compiled for baseline x86-64, x86-64-v3 and x86-64-v4 (GCC target_clones).
@@ -64,27 +64,58 @@ FD_INLINE void uniform_lanes(uint64_t seed, int64_t b, uint32_t step, float (&u)
 // hold rows (ROW: [K, D], `means` and `stds` then point at column b) or one value per component ([K, 1]);
 // 32-bit offsets (K * D < 2^31, checked), so that a vector gather takes 8 or 16 of them at once. ONE: the
 // block has one component, whose rows `means` and `stds` point at: straight loads, no gathers.
-template <typename T, bool ONE, bool MROW, bool SROW>
+// Given draws are read here, in the same loop as the tables, so that every stream is in flight together:
+// z in the storage dtype (Z = T; Philox normals: Z = float), and per-element ids as int64 (KI = int64_t:
+// each checked, one outside [0, K) read as 0 and counted in `bad`, for the caller to raise; drawn ones:
+// KI = int32_t).
+template <typename T, bool ONE, bool MROW, bool SROW, typename KI, typename Z>
 FD_INLINE void affine_block(const float* __restrict means, int32_t md, const float* __restrict stds, int32_t sd,
-                            const int32_t* __restrict k, const float* __restrict z, int len, T* __restrict out) {
+                            const KI* __restrict k, int32_t K, const Z* __restrict z, int len, T* __restrict out,
+                            int64_t& bad) {
+  int64_t outside = 0;
   for (int j = 0; j < len; ++j) {
-    const float mu = means[(ONE ? 0 : k[j] * md) + (MROW ? j : 0)];
-    const float s = stds[(ONE ? 0 : k[j] * sd) + (SROW ? j : 0)];
-    out[j] = from_float<T>(gmm_affine(mu, s, z[j]));
+    int32_t kj = 0;
+    if constexpr (!ONE && sizeof(KI) == 8) {
+      const uint64_t v = uint64_t(k[j]);
+      const int32_t in = v < uint64_t(K);
+      outside += 1 - in;
+      kj = int32_t(v) & -in;  // branch-free, so that the loop vectorises
+    } else if constexpr (!ONE) {
+      kj = k[j];
+    }
+    const float mu = means[kj * md + (MROW ? j : 0)];
+    const float s = stds[kj * sd + (SROW ? j : 0)];
+    out[j] = from_float<T>(gmm_affine(mu, s, to_float(z[j])));
+  }
+  bad += outside;
+}
+
+template <typename T, bool ONE, typename KI, typename Z>
+FD_INLINE void affine_any(bool mrow, bool srow, const float* means, int32_t md, const float* stds, int32_t sd,
+                          const KI* k, int32_t K, const Z* z, int len, T* out, int64_t& bad) {
+  if (mrow && srow) {
+    affine_block<T, ONE, true, true>(means, md, stds, sd, k, K, z, len, out, bad);
+  } else if (mrow) {
+    affine_block<T, ONE, true, false>(means, md, stds, sd, k, K, z, len, out, bad);
+  } else if (srow) {
+    affine_block<T, ONE, false, true>(means, md, stds, sd, k, K, z, len, out, bad);
+  } else {
+    affine_block<T, ONE, false, false>(means, md, stds, sd, k, K, z, len, out, bad);
   }
 }
 
-template <typename T, bool ONE>
-FD_INLINE void affine_any(bool mrow, bool srow, const float* means, int32_t md, const float* stds, int32_t sd,
-                          const int32_t* k, const float* z, int len, T* out) {
-  if (mrow && srow) {
-    affine_block<T, ONE, true, true>(means, md, stds, sd, k, z, len, out);
-  } else if (mrow) {
-    affine_block<T, ONE, true, false>(means, md, stds, sd, k, z, len, out);
-  } else if (srow) {
-    affine_block<T, ONE, false, true>(means, md, stds, sd, k, z, len, out);
+// The block's values with its normals z (given, in the storage dtype, or drawn): one component (`one`,
+// k_one), per-element ids given (`ids`), or the drawn / filled ids k.
+template <typename T, typename Z>
+FD_INLINE void affine_with(bool one, int32_t k_one, const int64_t* ids, const int32_t* k, bool mrow, bool srow,
+                           const float* mu, int32_t md, const float* sd, int32_t sdd, int32_t K, const Z* z, int len,
+                           T* x, int64_t& bad) {
+  if (one) {
+    affine_any<T, true>(mrow, srow, mu + k_one * md, md, sd + k_one * sdd, sdd, k, K, z, len, x, bad);
+  } else if (ids) {
+    affine_any<T, false>(mrow, srow, mu, md, sd, sdd, ids, K, z, len, x, bad);
   } else {
-    affine_block<T, ONE, false, false>(means, md, stds, sd, k, z, len, out);
+    affine_any<T, false>(mrow, srow, mu, md, sd, sdd, k, K, z, len, x, bad);
   }
 }
 
@@ -110,8 +141,9 @@ FD_INLINE int64_t noise_chunk(const GmmNoiseParams& p, int64_t n, int64_t i0, in
     const int len = int(std::min<int64_t>(kBlock, i1 - b));
     int32_t k[kBlock];
     bool uniform = false;  // the whole block is one draw's: its table rows are read straight
+    const int64_t* ids = nullptr;  // per-element ids given: checked as the values are made
     if (group == 1 && ids_in) {
-      for (int j = 0; j < len; ++j) k[j] = given(ids_in[b + j]);
+      ids = ids_in + b;
     } else if (group == 1) {  // per element: inverse CDF of the block's uniforms, threshold by threshold
       float u[kBlock];
       uniform_lanes(seed, b, step, u);
@@ -120,9 +152,9 @@ FD_INLINE int64_t noise_chunk(const GmmNoiseParams& p, int64_t n, int64_t i0, in
         const float t = p.cdf[c];
         for (int j = 0; j < kBlock; ++j) k[j] += u[j] >= t ? 1 : 0;
       }
-      int64_t ids[kBlock];
-      for (int j = 0; j < kBlock; ++j) ids[j] = k[j];
-      put(ids_out + b, ids, len * sizeof(int64_t), nt);
+      int64_t drawn[kBlock];
+      for (int j = 0; j < kBlock; ++j) drawn[j] = k[j];
+      put(ids_out + b, drawn, len * sizeof(int64_t), nt);
     } else {  // per channel / sample: a new draw every `group` elements, filled run by run
       int runs = 0;
       for (int j = 0; j < len; ++runs) {
@@ -139,22 +171,18 @@ FD_INLINE int64_t noise_chunk(const GmmNoiseParams& p, int64_t n, int64_t i0, in
       }
       uniform = runs == 1;
     }
-    float z[kBlock];
-    if (p.noise) {
-      const T* zin = static_cast<const T*>(p.noise) + n * p.numel + b;
-      for (int j = 0; j < len; ++j) z[j] = to_float(zin[j]);
-    } else {
-      philox_lanes<kBlock>(seed, b, step, kDomainTrain, z);
-    }
     const bool mrow = p.means_d != 1, srow = p.stds_d != 1;
     const float* mu = p.means + (mrow ? b : 0);
     const float* sd = p.stds + (srow ? b : 0);
-    const int32_t md = int32_t(p.means_d), sdd = int32_t(p.stds_d);
+    const int32_t md = int32_t(p.means_d), sdd = int32_t(p.stds_d), kk = int32_t(K);
     T x[kBlock];
-    if (uniform) {
-      affine_any<T, true>(mrow, srow, mu + k_draw * md, md, sd + k_draw * sdd, sdd, k, z, len, x);
+    if (p.noise) {
+      const T* z = static_cast<const T*>(p.noise) + n * p.numel + b;
+      affine_with(uniform, k_draw, ids, k, mrow, srow, mu, md, sd, sdd, kk, z, len, x, bad);
     } else {
-      affine_any<T, false>(mrow, srow, mu, md, sd, sdd, k, z, len, x);
+      float z[kBlock];
+      philox_lanes<kBlock>(seed, b, step, kDomainTrain, z);
+      affine_with(uniform, k_draw, ids, k, mrow, srow, mu, md, sd, sdd, kk, z, len, x, bad);
     }
     put(out + b, x, len * sizeof(T), nt);
   }

@@ -1,8 +1,9 @@
 // CPU (OpenMP) launcher of the step kernel family. Each task takes a chunk of one sample, maps the
 // sample's plan row onto linear terms (linear_terms, fastdiff/step.cuh) and makes one pass over the
 // chunk, 16 elements at a time in vector registers: x0 += a*v, out_k += c_k*v (products with a zero
-// weight skipped: `accumulate`), then clamp and store. Every tensor crosses memory once. Noise that needs work
-// (in-kernel Philox, a gathered std) is made a block of 256 at a time first, in one vectorised loop.
+// weight skipped: `accumulate`), then clamp and store. Every tensor crosses memory once. In-kernel Philox
+// noise is made a block of 256 at a time first, in one vectorised loop; given noise with a gathered std
+// (DDIM-GMM) is scaled in the main loop, so that all its streams are read together, as one loop reads them.
 // Portable build: the loops are compiled for baseline x86-64, x86-64-v3 (AVX2/FMA) and x86-64-v4
 // (AVX-512), picked at run time (GCC target_clones), as numpy does.
 #include <algorithm>
@@ -79,8 +80,28 @@ FD_INLINE void st_stream(T* p, vfloat v) {
   put(p, t, sizeof t, true);
 }
 
+// Given noise times the gathered component's std, sqrt(max(VAR - var, 0)) (DDIM-GMM), at element j: one
+// element or one vector (the square roots lane by lane, branch-free, so that they vectorise). No std row
+// (a component outside the tables, whose outputs are NaN): the noise as given.
+template <typename T>
+FD_INLINE float scaled_noise(const LinearTerms& s, int64_t j, float) {
+  const float z = ld(static_cast<const T*>(s.noise) + j, 0.0f);
+  return s.var ? z * sqrtf(component_var(s.var_total, s.var[j])) : z;
+}
+template <typename T>
+FD_INLINE vfloat scaled_noise(const LinearTerms& s, int64_t j, vfloat) {
+  if (!s.var) return ld(static_cast<const T*>(s.noise) + j, vfloat{});
+  float t[kW];
+  const vfloat v = component_var(s.var_total, ld(s.var + j, vfloat{}));
+  std::memcpy(t, &v, sizeof t);
+  for (int i = 0; i < kW; ++i) t[i] = __builtin_sqrtf(t[i]);
+  vfloat std;
+  std::memcpy(&std, t, sizeof std);
+  return ld(static_cast<const T*>(s.noise) + j, vfloat{}) * std;
+}
+
 // Element (V = float) or vector (V = vfloat) j of the sample: every term, then x0, then the outputs.
-// z: this block's prepared noise, indexed by j - zj. NT: streaming stores (vectors only).
+// z: this block's Philox noise, indexed by j - zj. NT: streaming stores (vectors only).
 template <typename V, typename T, int NOUT, bool NT = false>
 FD_INLINE void step_at(const LinearTerms& s, const float* z, int64_t zj, T* const* out, int64_t j) {
   V x0{}, o[NOUT];
@@ -89,6 +110,7 @@ FD_INLINE void step_at(const LinearTerms& s, const float* z, int64_t zj, T* cons
     accumulate(s.use[q], ld(static_cast<const T*>(s.p[q]) + j, V{}), s.a[q], s.c[q], x0, o);
   if (s.delta) accumulate(s.delta_use, ld(s.delta + j, V{}), 0.0f, s.c_delta, x0, o);
   if (z) accumulate(s.z_use, ld(z + (j - zj), V{}), 0.0f, s.c_z, x0, o);
+  if (s.z && s.noise) accumulate(s.z_use, scaled_noise<T>(s, j, V{}), 0.0f, s.c_z, x0, o);
   if (s.x0) accumulate(s.x0_use, clampf(s.as * x0, -s.r, s.r), 0.0f, s.c_x0, x0, o);
   for (int k = 0; k < NOUT; ++k) {
     if constexpr (NT) {
@@ -121,15 +143,11 @@ FD_INLINE void step_chunk(const StepParams& p, int64_t n, int64_t i0, int64_t i1
   linear_terms(p, c, n, s);
   T* out[kMaxOut] = {static_cast<T*>(p.out0) + n * p.numel, static_cast<T*>(p.out1) + n * p.numel,
                      static_cast<T*>(p.out2) + n * p.numel};
-  if (!s.z) return step_range<T, NOUT>(s, nullptr, 0, out, i0, i1, nt);
-  for (int64_t b = i0; b < i1; b += kBlock) {  // noise first, a block at a time
+  if (!s.z || s.noise) return step_range<T, NOUT>(s, nullptr, 0, out, i0, i1, nt);
+  for (int64_t b = i0; b < i1; b += kBlock) {  // Philox noise first, a block at a time
     const int len = int(std::min<int64_t>(kBlock, i1 - b));
     float z[kBlock];
-    if (s.noise) {
-      for (int j = 0; j < len; ++j) z[j] = to_float(static_cast<const T*>(s.noise)[b + j]);
-    } else {
-      philox_lanes<kBlock>(s.seed, b, uint32_t(p.noise_step), uint32_t(p.noise_domain), z);
-    }
+    philox_lanes<kBlock>(s.seed, b, uint32_t(p.noise_step), uint32_t(p.noise_domain), z);
     scale_by_std<kBlock>(z, s.var ? s.var + b : nullptr, s.var_total, len);
     step_range<T, NOUT>(s, z, b, out, b, b + len, nt);
   }

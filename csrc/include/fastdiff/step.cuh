@@ -81,7 +81,7 @@ struct LinearTerms {
   const float* delta;               // fp32 term: delta_table[k_n] (null: not read)
   float c_delta[kMaxOut];
   int delta_use, z_use, x0_use;     // the outputs that delta, z and x0 enter (bit k: weight != 0)
-  bool z;                           // noise that needs work first: in-kernel Philox, or a std row
+  bool z;                           // noise that needs work: in-kernel Philox, or a std row
   const void* noise;                //   given noise (storage dtype), else Philox with `seed`
   uint64_t seed;
   const float* var;                 //   var_table[k_n] (null: std 1)
@@ -214,17 +214,23 @@ FD_HD FD_INLINE void philox_lanes(uint64_t seed, int64_t i0, uint32_t step, uint
 
 // z *= sqrt(max(VAR - var, 0)): the gathered component's std, clipped at 0 (Gabbur, App. A.5).
 // A whole block takes a straight loop, which a CPU compiler vectorises (no guarded load); the tail guards.
+// The argument of that square root, max(VAR - var, 0), of one float or a CPU vector of them.
+template <typename V>
+FD_HD FD_INLINE V component_var(float var_total, V var) {
+  return clampf(var_total - var, 0.0f, INFINITY);
+}
+
 template <int N>
 FD_HD FD_INLINE void scale_by_std(float (&z)[N], const float* var, float var_total, int n) {
   if (!var) return;
   if (n == N) {
     FD_UNROLL
-    for (int j = 0; j < N; ++j) z[j] *= sqrtf(clampf(var_total - var[j], 0.0f, INFINITY));
+    for (int j = 0; j < N; ++j) z[j] *= sqrtf(component_var(var_total, var[j]));
     return;
   }
   FD_UNROLL
   for (int j = 0; j < N; ++j)
-    if (j < n) z[j] *= sqrtf(clampf(var_total - var[j], 0.0f, INFINITY));
+    if (j < n) z[j] *= sqrtf(component_var(var_total, var[j]));
 }
 
 }  // namespace fastdiff
