@@ -1,14 +1,15 @@
 // CPU (OpenMP) launcher of the step kernel family. Each task takes a chunk of one sample, maps the
-// sample's plan row onto linear terms (linear_terms, fastdiff/step.cuh) and makes one pass over the
-// chunk, 16 elements at a time in vector registers: x0 += a*v, out_k += c_k*v (products with a zero
-// weight skipped: `accumulate`), then clamp and store. Every tensor crosses memory once. In-kernel Philox
-// noise is made a block of 256 at a time first, in one vectorised loop; given noise with a gathered std
-// (DDIM-GMM) is scaled in the main loop, so that all its streams are read together, as one loop reads them.
-// Portable build: the loops are compiled for baseline x86-64, x86-64-v3 (AVX2/FMA) and x86-64-v4
-// (AVX-512), picked at run time (GCC target_clones), as numpy does.
+// sample's plan row onto linear terms (linear_terms, fastdiff/step.cuh) and works it in blocks of 256
+// elements whose sums stay in L1: term by term, x0 += a*v and out_k += c_k*v (products with a zero weight
+// skipped: `add_term`), then the clamped x0 term and the stores. Every tensor crosses memory once. In-kernel
+// Philox noise is made a block at a time first, in one vectorised loop; given noise with a gathered std
+// (DDIM-GMM) is scaled in its block. Portable build: the loops are compiled for baseline x86-64,
+// x86-64-v3 (AVX2/FMA) and x86-64-v4 (AVX-512), picked at run time (GCC target_clones), as numpy does;
+// each is a plain loop over floats, so that every ISA vectorises it with its own registers.
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
+#include <type_traits>
 
 #include "fastdiff/step.cuh"
 
@@ -23,28 +24,37 @@ namespace fastdiff {
 namespace cpu {
 namespace {
 
-constexpr int kW = 16;         // elements per vector: one AVX-512 register (two AVX2 ones)
-constexpr int kBlock = 256;    // noise is drawn this many elements at a time
+constexpr int kBlock = 256;    // elements worked at a time (their sums stay in L1)
 constexpr int kChunk = 4096;   // elements per task
 constexpr int64_t kParallelMin = 32768;  // elements below which one thread does the step
 
-typedef float vfloat __attribute__((vector_size(kW * sizeof(float))));
-// The weighted sums of one term value v, for the sums in the bit set USE (output k: bit k, x0: kUseX0),
-// chosen at compile time: straight-line multiply-adds, and no product at all where a weight is 0 (0*inf
-// would be NaN). `accumulate(use, ...)` picks the instance with one switch per term and vector.
-template <int USE, typename V, int NOUT>
-FD_INLINE void accumulate(V v, float a, const float* c, V& x0, V (&o)[NOUT]) {
-  if constexpr ((USE & kUseX0) != 0) x0 += a * v;
-  if constexpr (NOUT > 0 && (USE & 1)) o[0] += c[0] * v;
-  if constexpr (NOUT > 1 && (USE & 2)) o[1] += c[1] * v;
-  if constexpr (NOUT > 2 && (USE & 4)) o[2] += c[2] * v;
+// A block's sums: x0 and the outputs, kBlock floats each, term by term. Each term is one loop over the
+// block with its weights fixed, so that the choice of sums it enters (its use bits) is made once per term
+// and block, not per element, and the loop vectorises for every ISA (target_clones) on its own.
+
+template <typename T>
+FD_INLINE float ld(const T* p) { return to_float(*p); }
+
+// Adds term v with weight a in x0 and c[k] in output k, for the sums in the bit set USE (output k: bit k,
+// x0: kUseX0), chosen at compile time: no product at all where a weight is 0 (0*inf would be NaN).
+template <int USE, int NOUT, typename T>
+FD_INLINE void add_term(const T* __restrict v, int len, float a, const float* c, float* __restrict x0,
+                        float (*__restrict o)[kBlock]) {
+  const float c0 = c[0], c1 = NOUT > 1 ? c[1] : 0.0f, c2 = NOUT > 2 ? c[2] : 0.0f;
+  for (int j = 0; j < len; ++j) {
+    const float t = ld(v + j);
+    if constexpr ((USE & kUseX0) != 0) x0[j] += a * t;
+    if constexpr (NOUT > 0 && (USE & 1)) o[0][j] += c0 * t;
+    if constexpr (NOUT > 1 && (USE & 2)) o[1][j] += c1 * t;
+    if constexpr (NOUT > 2 && (USE & 4)) o[2][j] += c2 * t;
+  }
 }
 
-template <typename V, int NOUT>
-FD_INLINE void accumulate(int use, V v, float a, const float* c, V& x0, V (&o)[NOUT]) {
+template <int NOUT, typename T>
+FD_INLINE void add_term(int use, const T* v, int len, float a, const float* c, float* x0, float (*o)[kBlock]) {
   static_assert(kUseX0 == 8, "four use bits");
   switch (use & 15) {
-#define FD_USE(U) case U: accumulate<U>(v, a, c, x0, o); break;
+#define FD_USE(U) case U: add_term<U, NOUT>(v, len, a, c, x0, o); break;
     FD_USE(1) FD_USE(2) FD_USE(3) FD_USE(4) FD_USE(5) FD_USE(6) FD_USE(7) FD_USE(8)
     FD_USE(9) FD_USE(10) FD_USE(11) FD_USE(12) FD_USE(13) FD_USE(14) FD_USE(15)
 #undef FD_USE
@@ -52,85 +62,41 @@ FD_INLINE void accumulate(int use, V v, float a, const float* c, V& x0, V (&o)[N
   }
 }
 
-// Loads and stores of one element (float) or one vector (vfloat), converting the storage dtype.
-template <typename T>
-FD_INLINE float ld(const T* p, float) { return to_float(*p); }
-template <typename T>
-FD_INLINE vfloat ld(const T* p, vfloat) {
-  float t[kW];
-  for (int j = 0; j < kW; ++j) t[j] = to_float(p[j]);
-  vfloat v;
-  std::memcpy(&v, t, sizeof v);
-  return v;
-}
-template <typename T>
-FD_INLINE void st(T* p, float v) { *p = from_float<T>(v); }
-template <typename T>
-FD_INLINE void st(T* p, vfloat v) {
-  float t[kW];
-  std::memcpy(t, &v, sizeof v);
-  for (int j = 0; j < kW; ++j) p[j] = from_float<T>(t[j]);
-}
-
-// Streaming store of a vector to 16-byte aligned p (streaming.h).
-template <typename T>
-FD_INLINE void st_stream(T* p, vfloat v) {
-  T t[kW];
-  st(t, v);
-  put(p, t, sizeof t, true);
-}
-
-// Given noise times the gathered component's std, sqrt(max(VAR - var, 0)) (DDIM-GMM), at element j: one
-// element or one vector (the square roots lane by lane, branch-free, so that they vectorise). No std row
-// (a component outside the tables, whose outputs are NaN): the noise as given.
-template <typename T>
-FD_INLINE float scaled_noise(const LinearTerms& s, int64_t j, float) {
-  const float z = ld(static_cast<const T*>(s.noise) + j, 0.0f);
-  return s.var ? z * sqrtf(component_var(s.var_total, s.var[j])) : z;
-}
-template <typename T>
-FD_INLINE vfloat scaled_noise(const LinearTerms& s, int64_t j, vfloat) {
-  if (!s.var) return ld(static_cast<const T*>(s.noise) + j, vfloat{});
-  float t[kW];
-  const vfloat v = component_var(s.var_total, ld(s.var + j, vfloat{}));
-  std::memcpy(t, &v, sizeof t);
-  for (int i = 0; i < kW; ++i) t[i] = __builtin_sqrtf(t[i]);
-  vfloat std;
-  std::memcpy(&std, t, sizeof std);
-  return ld(static_cast<const T*>(s.noise) + j, vfloat{}) * std;
-}
-
-// Element (V = float) or vector (V = vfloat) j of the sample: every term, then x0, then the outputs.
-// z: this block's Philox noise, indexed by j - zj. NT: streaming stores (vectors only).
-template <typename V, typename T, int NOUT, bool NT = false>
-FD_INLINE void step_at(const LinearTerms& s, const float* z, int64_t zj, T* const* out, int64_t j) {
-  V x0{}, o[NOUT];
-  for (int k = 0; k < NOUT; ++k) o[k] = V{} + s.base[k];
+// Elements [b, b + len) of the sample: every term, then x0, then the outputs (streaming stores when `nt`:
+// put, streaming.h). z: the block's Philox noise (null: none, or given noise read from s.noise).
+template <typename T, int NOUT>
+FD_INLINE void step_block(const LinearTerms& s, const float* z, T* const* out, int64_t b, int len, bool nt) {
+  alignas(64) float x0[kBlock], o[NOUT][kBlock], t[kBlock];
+  if (s.x0)
+    for (int j = 0; j < len; ++j) x0[j] = 0.0f;
+  for (int k = 0; k < NOUT; ++k)
+    for (int j = 0; j < len; ++j) o[k][j] = s.base[k];
   for (int q = 0; q < s.n; ++q)
-    accumulate(s.use[q], ld(static_cast<const T*>(s.p[q]) + j, V{}), s.a[q], s.c[q], x0, o);
-  if (s.delta) accumulate(s.delta_use, ld(s.delta + j, V{}), 0.0f, s.c_delta, x0, o);
-  if (z) accumulate(s.z_use, ld(z + (j - zj), V{}), 0.0f, s.c_z, x0, o);
-  if (s.z && s.noise) accumulate(s.z_use, scaled_noise<T>(s, j, V{}), 0.0f, s.c_z, x0, o);
-  if (s.x0) accumulate(s.x0_use, clampf(s.as * x0, -s.r, s.r), 0.0f, s.c_x0, x0, o);
-  for (int k = 0; k < NOUT; ++k) {
-    if constexpr (NT) {
-      st_stream(out[k] + j, o[k]);
+    add_term<NOUT>(s.use[q], static_cast<const T*>(s.p[q]) + b, len, s.a[q], s.c[q], x0, o);
+  if (s.delta) add_term<NOUT>(s.delta_use, s.delta + b, len, 0.0f, s.c_delta, x0, o);
+  if (z) add_term<NOUT>(s.z_use, z, len, 0.0f, s.c_z, x0, o);
+  if (s.z && s.noise) {
+    const T* noise = static_cast<const T*>(s.noise) + b;
+    if (s.var) {  // DDIM-GMM: given noise times the gathered component's std, sqrt(max(VAR - var, 0))
+      for (int j = 0; j < len; ++j) t[j] = ld(noise + j) * sqrtf(component_var(s.var_total, s.var[b + j]));
+      add_term<NOUT>(s.z_use, t, len, 0.0f, s.c_z, x0, o);
     } else {
-      st(out[k] + j, o[k]);
+      add_term<NOUT>(s.z_use, noise, len, 0.0f, s.c_z, x0, o);
     }
   }
-}
-
-template <typename T, int NOUT>
-FD_INLINE void step_range(const LinearTerms& s, const float* z, int64_t zj, T* const* out, int64_t j0,
-                            int64_t j1, bool nt) {
-  int64_t j = j0;
-  if (nt) {
-    for (; j + kW <= j1; j += kW) step_at<vfloat, T, NOUT, true>(s, z, zj, out, j);
-  } else {
-    for (; j + kW <= j1; j += kW) step_at<vfloat, T, NOUT>(s, z, zj, out, j);
+  if (s.x0) {
+    for (int j = 0; j < len; ++j) t[j] = clampf(s.as * x0[j], -s.r, s.r);
+    add_term<NOUT>(s.x0_use, t, len, 0.0f, s.c_x0, x0, o);
   }
-  for (; j < j1; ++j) step_at<float, T, NOUT>(s, z, zj, out, j);
+  for (int k = 0; k < NOUT; ++k) {
+    if constexpr (std::is_same_v<T, float>) {
+      put(out[k] + b, o[k], size_t(len) * sizeof(T), nt);
+    } else {
+      alignas(64) T u[kBlock];
+      for (int j = 0; j < len; ++j) u[j] = from_float<T>(o[k][j]);
+      put(out[k] + b, u, size_t(len) * sizeof(T), nt);
+    }
+  }
 }
 
 // Elements [i0, i1) of sample n.
@@ -143,13 +109,15 @@ FD_INLINE void step_chunk(const StepParams& p, int64_t n, int64_t i0, int64_t i1
   linear_terms(p, c, n, s);
   T* out[kMaxOut] = {static_cast<T*>(p.out0) + n * p.numel, static_cast<T*>(p.out1) + n * p.numel,
                      static_cast<T*>(p.out2) + n * p.numel};
-  if (!s.z || s.noise) return step_range<T, NOUT>(s, nullptr, 0, out, i0, i1, nt);
-  for (int64_t b = i0; b < i1; b += kBlock) {  // Philox noise first, a block at a time
+  const bool philox = s.z && !s.noise;
+  for (int64_t b = i0; b < i1; b += kBlock) {
     const int len = int(std::min<int64_t>(kBlock, i1 - b));
-    float z[kBlock];
-    philox_lanes<kBlock>(s.seed, b, uint32_t(p.noise_step), uint32_t(p.noise_domain), z);
-    scale_by_std<kBlock>(z, s.var ? s.var + b : nullptr, s.var_total, len);
-    step_range<T, NOUT>(s, z, b, out, b, b + len, nt);
+    alignas(64) float z[kBlock];
+    if (philox) {  // in-kernel noise first, a block at a time
+      philox_lanes<kBlock>(s.seed, b, uint32_t(p.noise_step), uint32_t(p.noise_domain), z);
+      scale_by_std<kBlock>(z, s.var ? s.var + b : nullptr, s.var_total, len);
+    }
+    step_block<T, NOUT>(s, philox ? z : nullptr, out, b, len, nt);
   }
 }
 
