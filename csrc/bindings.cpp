@@ -20,6 +20,8 @@ namespace cpu {
 void step(const StepParams& p);
 int64_t gmm_noise(const GmmNoiseParams& p);  // returns the number of bad given ids
 void gmm_score(const GmmScoreParams& p);
+void generator_randn(uint8_t* state, float* out, int64_t n);
+size_t generator_state_bytes();
 }  // namespace cpu
 }  // namespace fastdiff
 #if defined(FASTDIFF_WITH_CUDA)
@@ -137,6 +139,16 @@ PYBIND11_MODULE(_C, m) {
         fastdiff::cpu::gmm_score(p);
       },
       "Gaussian-mixture score and log-density on host memory. `args`: the values of gmm_score_fields.");
+
+  m.attr("generator_state_bytes") = fastdiff::cpu::generator_state_bytes();
+  m.def(
+      "generator_randn_cpu",
+      [](uintptr_t state, uintptr_t out, int64_t n) {
+        py::gil_scoped_release nogil;
+        fastdiff::cpu::generator_randn(reinterpret_cast<uint8_t*>(state), reinterpret_cast<float*>(out), n);
+      },
+      "torch.randn's n >= 16 float32 normals from a CPU generator's state (the bytes of get_state(), at "
+      "`state`, advanced in place) into `out` (csrc/cpu/generator_randn.cpp).");
 
   // The coefficient layout (fastdiff/layout.h) by name, compared with fastdiff/layout.py at load time.
   py::dict layout;

@@ -5,7 +5,8 @@
 ``sigmas`` is the descending grid ending at 0. The noise of the stochastic samplers comes, in this order,
 from ``noise_sampler(sigma, sigma_next)`` (k-diffusion's interface: equal outputs for equal noise), from
 per-sample ``seeds`` (fastdiff's in-kernel Philox noise, no extra pass), or from ``torch.randn_like(x)``
-(k-diffusion's ``default_noise_sampler``; k-diffusion's own default for the SDE samplers is a Brownian
+(k-diffusion's ``default_noise_sampler``, drawn by ``fastdiff.noise.randn_like``: the same values and
+generator state, faster on the CPU; k-diffusion's own default for the SDE samplers is a Brownian
 tree from torchsde: pass ``k_diffusion.sampling.BrownianTreeNoiseSampler(...)`` as ``noise_sampler`` for
 its exact numbers). ``sigmas`` are read on the host once per call to build the plan (cached).
 
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from fastdiff import philox
+from fastdiff.noise import randn_like
 from fastdiff.samplers import dpmpp, euler
 from fastdiff.stepper import Stepper
 
@@ -75,7 +77,7 @@ def _run(built, model, x, sigmas, extra_args, callback, disable, noise_sampler, 
                 callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma, "denoised": shown})
         noise = None
         if draws[r] and seeds is None:
-            noise = noise_sampler(*pair) if noise_sampler is not None else torch.randn_like(x)
+            noise = noise_sampler(*pair) if noise_sampler is not None else randn_like(x)
         which, row = calls[r] if calls is not None else (0, r)
         reads = plans[which].noise_rows[row]  # else drawn only to keep the caller's generator in k-diffusion's step
         outs = stepper.step(x, denoised, e_uncond=uncond, noise=noise if reads else None,
@@ -195,7 +197,7 @@ def _churned(host, sigmas, x, s_churn, s_tmin, s_tmax, s_noise):
     global generator gives its samples; without, none is drawn (k-diffusion draws and discards N)."""
     gammas = _gammas(host, s_churn, s_tmin, s_tmax)
     hats = [sigmas[i] * (g + 1) for i, g in enumerate(gammas)]
-    eps = torch.randn_like(x) * s_noise if any(gammas) else None  # k-diffusion's first eps (drawn if any churn)
+    eps = randn_like(x) * s_noise if any(gammas) else None  # k-diffusion's first eps (drawn if any churn)
     if gammas[0] > 0:
         x = x + eps * (hats[0] ** 2 - sigmas[0] ** 2) ** 0.5
     return hats, x

@@ -208,7 +208,7 @@ def initial_sample(scheduler_or_abar_T, shape, *, strategy: str = "removal_mu", 
         eps = philox.randn(seeds, numel, domain=philox.DOMAIN_INIT).reshape(shape).to(dtype)
         u = philox.uniform(seeds, 1, step=2**31, domain=philox.DOMAIN_CATEGORICAL).reshape(-1)
     else:
-        from diffusers.utils.torch_utils import randn_tensor
+        from fastdiff.noise import randn_tensor
 
         eps = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         gen_device = generator.device if generator is not None else "cpu"

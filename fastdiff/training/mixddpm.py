@@ -16,7 +16,7 @@ def mixddpm_noising(scheduler, x0: torch.Tensor, timesteps, *, generator=None, s
     seeds or generator."""
     if seeds is not None:
         return scheduler.add_seeded_noise(x0, timesteps, seeds)
-    from diffusers.utils.torch_utils import randn_tensor
+    from fastdiff.noise import randn_tensor
 
     eps = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     return scheduler.add_noise(x0, eps, timesteps, generator=generator), eps

@@ -27,7 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 CUDA_SOURCES = ("step.cu", "gmm.cu")
-CPU_SOURCES = ("bindings.cpp", "cpu/step.cpp", "cpu/gmm.cpp")
+# bindings.cpp and the CPU kernels, as CMakeLists.txt lists them (FASTDIFF_CPU_SOURCES)
+CPU_SOURCES = ("bindings.cpp", *(path.removeprefix("csrc/") for path in re.search(
+    r"set\(FASTDIFF_CPU_SOURCES([^)]*)\)", (ROOT / "CMakeLists.txt").read_text()).group(1).split()))
 # The CUDA units take the shared headers' device paths (__CUDA_ARCH__: the toolkit's fp16/bf16 conversions and
 # integer intrinsics, stood in for by this folder's headers), inside namespace fastdiff_device so that those
 # definitions of the shared inline functions stay apart from the CPU units' host ones (adapter.cpp forwards).

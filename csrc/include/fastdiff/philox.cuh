@@ -77,20 +77,24 @@ FD_HD FD_INLINE float log_pos(float v) {
   return (f + y) + 0.693359375f * e;
 }
 
-// cos(2*pi*u), sin(2*pi*u) for u in [0, 1]. The quadrant comes exactly from 4u (no rounding of 2*pi*u),
-// then Cephes sinf/cosf polynomials on [-pi/4, pi/4].
-FD_HD FD_INLINE void sincos_2pi(float u, float& c_out, float& s_out) {
-  const float t = 4.0f * u;
-  const float q = float(int(t + 0.5f));                // nearest quadrant, 0..4
-  const float a = (t - q) * 1.57079632679489662f;      // |a| <= pi/4
+// cos and sin of k * pi/2 + a for |a| <= pi/4: Cephes sinf/cosf polynomials, then the quadrant k
+// ((c, s) -> (c, s), (-s, c), (-c, -s), (s, -c)) by two-way selects: branch-free, they vectorise.
+FD_HD FD_INLINE void sincos_quadrant(float a, int k, float& c_out, float& s_out) {
   const float z = a * a;
   const float s = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * a + a;
   const float c = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z
                   - 0.5f * z + 1.0f;
-  const int k = int(q) & 3;                            // quadrant: (c, s) -> (c, s), (-s, c), (-c, -s), (s, -c)
+  k &= 3;
   const float cq = (k & 1) ? s : c, sq = (k & 1) ? c : s;
-  c_out = ((k + 1) & 2) ? -cq : cq;                    // two-way selects: branch-free, they vectorise
+  c_out = ((k + 1) & 2) ? -cq : cq;
   s_out = (k & 2) ? -sq : sq;
+}
+
+// cos(2*pi*u), sin(2*pi*u) for u in [0, 1]. The quadrant comes exactly from 4u (no rounding of 2*pi*u).
+FD_HD FD_INLINE void sincos_2pi(float u, float& c_out, float& s_out) {
+  const float t = 4.0f * u;
+  const float q = float(int(t + 0.5f));                // nearest quadrant, 0..4
+  sincos_quadrant((t - q) * 1.57079632679489662f, int(q), c_out, s_out);  // |a| <= pi/4
 }
 
 // Box-Muller: two words -> two standard normals r*cos(2 pi u2), r*sin(2 pi u2), r = sqrt(-2 log u1).

@@ -21,9 +21,9 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from fastdiff import ops, philox
+from fastdiff.noise import randn_tensor
 from fastdiff.plan import Plan
 from fastdiff.samplers.forward import q_sample_plan, velocity_plan
 from fastdiff.stepper import Stepper

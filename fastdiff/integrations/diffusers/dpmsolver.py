@@ -10,10 +10,10 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 from diffusers.utils import deprecate
-from diffusers.utils.torch_utils import randn_tensor
 
 from fastdiff import philox, schedules
 from fastdiff.integrations.diffusers.base import MAX_PLANS, FastSchedulerMixin, output, watched
+from fastdiff.noise import randn_tensor
 from fastdiff.samplers.dpmsolver import (
     DATA_ALGORITHMS,
     alpha_sigma,

@@ -12,9 +12,9 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging
-from diffusers.utils.torch_utils import randn_tensor
 
 from fastdiff.integrations.diffusers.base import FastSchedulerMixin, output, watched
+from fastdiff.noise import randn_tensor
 from fastdiff.samplers.flow import TIME_SHIFT_TYPES, flow_euler_plan, flow_sigmas, scale_noise_plan, train_sigmas
 
 logger = logging.get_logger("diffusers.schedulers." + __name__)  # diffusers' verbosity applies
