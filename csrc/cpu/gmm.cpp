@@ -9,6 +9,7 @@
 // weighted score accumulated over components in a row buffer; every row is independent of the batch.
 // Portable build: the loops are compiled for baseline x86-64, x86-64-v3 and x86-64-v4 (GCC target_clones).
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -269,8 +270,8 @@ F pick(int dtype, F f32, F f16, F bf16, const char* op) {
   }
 }
 
-// Runs run(p, t0, t1) over tasks [0, total) on a thread team when the work is worth one, else here; returns
-// the sum of what the runs return.
+// Runs run(p, t0, t1) over tasks [0, total) on a thread team when the work is worth one (runs of tasks
+// taken from a shared counter, as the step kernel does), else here; returns the sum of what the runs return.
 template <typename P>
 int64_t parallel(int64_t (*run)(const P&, int64_t, int64_t), const P& p, int64_t total, int64_t work) {
   if (total == 0) return 0;
@@ -278,10 +279,12 @@ int64_t parallel(int64_t (*run)(const P&, int64_t, int64_t), const P& p, int64_t
   const int threads = int(std::min<int64_t>(omp_get_max_threads(), total));
   if (threads > 1 && work >= kParallelMin) {
     int64_t sum = 0;
+    const int64_t grain = std::max<int64_t>(1, total / (8 * threads));  // runs of tasks from a shared counter:
+    std::atomic<int64_t> next{0};                                        // a slowed thread takes fewer
 #pragma omp parallel num_threads(threads) reduction(+ : sum)
     {
-      const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
-      sum += run(p, total * tid / nt, total * (tid + 1) / nt);
+      for (int64_t t; (t = next.fetch_add(grain, std::memory_order_relaxed)) < total;)
+        sum += run(p, t, std::min(total, t + grain));
     }
     return sum;
   }

@@ -7,6 +7,7 @@
 // x86-64-v3 (AVX2/FMA) and x86-64-v4 (AVX-512), picked at run time (GCC target_clones), as numpy does;
 // each is a plain loop over floats, so that every ISA vectorises it with its own registers.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <stdexcept>
 #include <type_traits>
@@ -175,10 +176,15 @@ void step(const StepParams& p) {
   // team (and a team of one still costs an OpenMP region), so small steps run here directly.
   const int threads = int(std::min<int64_t>(omp_get_max_threads(), total));
   if (threads > 1 && p.batch * p.numel >= kParallelMin) {
+    // Chunks are taken in runs of `grain` from a shared counter, not split evenly up front: a thread that
+    // is slowed (a busy or virtual core, a small core of a hybrid CPU) takes fewer, and the step does not
+    // wait on its half.
+    const int64_t grain = std::max<int64_t>(1, total / (8 * threads));
+    std::atomic<int64_t> next{0};
 #pragma omp parallel num_threads(threads)
     {
-      const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
-      run(p, total * tid / nt, total * (tid + 1) / nt);
+      for (int64_t c; (c = next.fetch_add(grain, std::memory_order_relaxed)) < total;)
+        run(p, c, std::min(total, c + grain));
     }
     return;
   }
