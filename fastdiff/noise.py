@@ -15,6 +15,7 @@ generator must not be drawn from by two threads at once.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import torch
@@ -54,12 +55,12 @@ def _refuse(why: str):
 
 
 def _fast(numel: int, generator, dtype, device, layout) -> bool:
-    return (numel >= 16
+    return (not torch.compiler.is_compiling()
+            and numel >= 16
             and (dtype or torch.get_default_dtype()) == torch.float32
             and (device is None or torch.device(device).type == "cpu")
             and layout in (None, torch.strided)
             and (generator is None or isinstance(generator, torch.Generator) and generator.device.type == "cpu")
-            and not torch.compiler.is_compiling()
             and _kernel() is not None)
 
 
@@ -75,10 +76,7 @@ def _draw_into(out: torch.Tensor, generator: torch.Generator | None) -> torch.Te
 def randn(*size, generator=None, dtype=None, device=None, layout=None) -> torch.Tensor:
     """``torch.randn(*size, generator=, dtype=, device=, layout=)``: the same values and generator state."""
     shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
-    numel = 1
-    for d in shape:
-        numel *= int(d)
-    if not _fast(numel, generator, dtype, device, layout):
+    if not _fast(math.prod(shape), generator, dtype, device, layout):
         return torch.randn(shape, generator=generator, dtype=dtype, device=device, layout=layout)
     return _draw_into(torch.empty(shape, dtype=torch.float32), generator)
 
@@ -113,10 +111,7 @@ def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None) ->
     if not isinstance(generator, list):
         return randn(tuple(shape), generator=generator, device=rand_device, dtype=dtype, layout=layout).to(device)
     row = (1, *tuple(shape)[1:])
-    numel = 1
-    for d in row:
-        numel *= int(d)
-    if all(_fast(numel, g, dtype, rand_device, layout) for g in generator):  # each sample drawn in place
+    if all(_fast(math.prod(row), g, dtype, rand_device, layout) for g in generator):  # each sample drawn in place
         out = torch.empty((shape[0], *row[1:]))
         for i in range(shape[0]):
             _draw_into(out[i], generator[i])

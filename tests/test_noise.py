@@ -142,3 +142,25 @@ def test_kernel_refuses_a_state_that_is_not_mt19937():
         _C.generator_randn_cpu(state.data_ptr(), torch.empty(32).data_ptr(), 32)
     with pytest.raises(ValueError, match="n must be >= 16"):
         _C.generator_randn_cpu(state.data_ptr(), torch.empty(8).data_ptr(), 8)
+
+
+@pytest.mark.parametrize("name", ["DDPMScheduler", "EulerAncestralDiscreteScheduler"])
+def test_drop_in_with_one_generator_per_sample_equals_diffusers(name):
+    """A pipeline's ``generator=[...]`` (one per image) reaches the scheduler's draw: the drop-in's samples
+    are diffusers' and every generator ends where diffusers leaves it."""
+    import diffusers
+
+    from fastdiff.integrations import diffusers as fast_diffusers
+
+    ref, fast = getattr(diffusers, name)(), getattr(fast_diffusers, f"Fast{name}")()
+    for s in (ref, fast):
+        s.set_timesteps(5)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    eps = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    ga, gb = ([torch.Generator().manual_seed(10 + i) for i in range(2)] for _ in range(2))
+    xa = xb = x
+    for t in ref.timesteps:
+        xa = ref.step(eps, t, xa, generator=ga).prev_sample
+        xb = fast.step(eps, t, xb, generator=gb).prev_sample
+    torch.testing.assert_close(xb, xa, atol=1e-5, rtol=1e-5)
+    assert all(same_state(a, b) for a, b in zip(ga, gb))

@@ -9,7 +9,6 @@
 // weighted score accumulated over components in a row buffer; every row is independent of the batch.
 // Portable build: the loops are compiled for baseline x86-64, x86-64-v3 and x86-64-v4 (GCC target_clones).
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -18,10 +17,7 @@
 #include "fastdiff/gmm.cuh"
 #include "fastdiff/step.cuh"
 
-#if defined(FASTDIFF_WITH_OPENMP)
-#include <omp.h>
-#endif
-
+#include "parallel.h"
 #include "streaming.h"
 #include "target_clones.h"
 
@@ -270,28 +266,6 @@ F pick(int dtype, F f32, F f16, F bf16, const char* op) {
   }
 }
 
-// Runs run(p, t0, t1) over tasks [0, total) on a thread team when the work is worth one (runs of tasks
-// taken from a shared counter, as the step kernel does), else here; returns the sum of what the runs return.
-template <typename P>
-int64_t parallel(int64_t (*run)(const P&, int64_t, int64_t), const P& p, int64_t total, int64_t work) {
-  if (total == 0) return 0;
-#if defined(FASTDIFF_WITH_OPENMP)
-  const int threads = int(std::min<int64_t>(omp_get_max_threads(), total));
-  if (threads > 1 && work >= kParallelMin) {
-    int64_t sum = 0;
-    const int64_t grain = std::max<int64_t>(1, total / (8 * threads));  // runs of tasks from a shared counter:
-    std::atomic<int64_t> next{0};                                        // a slowed thread takes fewer
-#pragma omp parallel num_threads(threads) reduction(+ : sum)
-    {
-      for (int64_t t; (t = next.fetch_add(grain, std::memory_order_relaxed)) < total;)
-        sum += run(p, t, std::min(total, t + grain));
-    }
-    return sum;
-  }
-#endif
-  return run(p, 0, total);
-}
-
 }  // namespace
 
 int64_t gmm_noise(const GmmNoiseParams& p) {
@@ -302,14 +276,16 @@ int64_t gmm_noise(const GmmNoiseParams& p) {
   if (p.n_comp * std::max(p.means_d, p.stds_d) >= (int64_t(1) << 31))
     throw std::invalid_argument("gmm_noise: tables of 2^31 or more elements are not supported");
   const auto run = pick(p.dtype, noise_f32, noise_f16, noise_bf16, "gmm_noise");
-  return parallel(run, p, p.batch * ((p.numel + kChunk - 1) / kChunk), p.batch * p.numel);
+  return parallel_runs(p.batch * ((p.numel + kChunk - 1) / kChunk), p.batch * p.numel, kParallelMin,
+                       [&](int64_t t0, int64_t t1) { return run(p, t0, t1); });
 }
 
 void gmm_score(const GmmScoreParams& p) {
   if (!p.x || !p.means || !p.inv_std || !p.log_coef || !p.score || !p.log_prob || p.n_comp < 1)
     throw std::invalid_argument("gmm_score: x, means, inv_std, log_coef, score, log_prob and n_comp >= 1 required");
   const auto run = pick(p.dtype, score_f32, score_f16, score_bf16, "gmm_score");
-  parallel(run, p, p.batch, p.batch * p.numel * p.n_comp);
+  parallel_runs(p.batch, p.batch * p.numel * p.n_comp, kParallelMin,
+                [&](int64_t n0, int64_t n1) { return run(p, n0, n1); });
 }
 
 }  // namespace cpu

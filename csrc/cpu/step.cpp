@@ -7,17 +7,13 @@
 // x86-64-v3 (AVX2/FMA) and x86-64-v4 (AVX-512), picked at run time (GCC target_clones), as numpy does;
 // each is a plain loop over floats, so that every ISA vectorises it with its own registers.
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <stdexcept>
 #include <type_traits>
 
 #include "fastdiff/step.cuh"
 
-#if defined(FASTDIFF_WITH_OPENMP)
-#include <omp.h>
-#endif
-
+#include "parallel.h"
 #include "streaming.h"
 #include "target_clones.h"
 
@@ -169,27 +165,11 @@ void step(const StepParams& p) {
     case kBFloat16: run = run_chunks_bf16; break;
     default: throw std::invalid_argument("step: dtype code must be 0 (f32), 1 (f16) or 2 (bf16)");
   }
-  const int64_t total = p.batch * ((p.numel + kChunk - 1) / kChunk);
-  if (total == 0) return;
-#if defined(FASTDIFF_WITH_OPENMP)
-  // One task per thread at least. A step of a few hundred KiB is faster on this thread than waking a
-  // team (and a team of one still costs an OpenMP region), so small steps run here directly.
-  const int threads = int(std::min<int64_t>(omp_get_max_threads(), total));
-  if (threads > 1 && p.batch * p.numel >= kParallelMin) {
-    // Chunks are taken in runs of `grain` from a shared counter, not split evenly up front: a thread that
-    // is slowed (a busy or virtual core, a small core of a hybrid CPU) takes fewer, and the step does not
-    // wait on its half.
-    const int64_t grain = std::max<int64_t>(1, total / (8 * threads));
-    std::atomic<int64_t> next{0};
-#pragma omp parallel num_threads(threads)
-    {
-      for (int64_t c; (c = next.fetch_add(grain, std::memory_order_relaxed)) < total;)
-        run(p, c, std::min(total, c + grain));
-    }
-    return;
-  }
-#endif
-  run(p, 0, total);
+  parallel_runs(p.batch * ((p.numel + kChunk - 1) / kChunk), p.batch * p.numel, kParallelMin,
+                [&](int64_t c0, int64_t c1) {
+                  run(p, c0, c1);
+                  return int64_t(0);
+                });
 }
 
 }  // namespace cpu
