@@ -1,11 +1,12 @@
 // CPU (OpenMP) launcher of the step kernel family. Each task takes a chunk of one sample, maps the
-// sample's plan row onto linear terms (linear_terms, fastdiff/step.cuh) and works it in blocks of 256
-// elements whose sums stay in L1: term by term, x0 += a*v and out_k += c_k*v (products with a zero weight
-// skipped: `add_term`), then the clamped x0 term and the stores. Every tensor crosses memory once. In-kernel
-// Philox noise is made a block at a time first, in one vectorised loop; given noise with a gathered std
-// (DDIM-GMM) is scaled in its block. Portable build: the loops are compiled for baseline x86-64,
-// x86-64-v3 (AVX2/FMA) and x86-64-v4 (AVX-512), picked at run time (GCC target_clones), as numpy does;
-// each is a plain loop over floats, so that every ISA vectorises it with its own registers.
+// sample's plan row onto linear terms (linear_terms, fastdiff/step.cuh) and makes one pass over its
+// elements, sixteen at a time: their sums (x0, the outputs) stay in registers while every term is loaded
+// and added (x0 += a*v, out_k += c_k*v, a product only where the weight is not 0), then the clamped x0
+// term and the stores (streaming stores for outputs too big for the cache). Every tensor crosses memory
+// once and nothing is staged in between. In-kernel Philox noise, and given noise scaled by a gathered std
+// (DDIM-GMM), is made a block of 256 at a time first, in vectorised loops, and read as one more term.
+// Portable build: the loops are compiled for baseline x86-64, x86-64-v3 (AVX2/FMA) and x86-64-v4
+// (AVX-512), picked at run time (GCC target_clones), as numpy does.
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
@@ -16,84 +17,95 @@
 #include "parallel.h"
 #include "streaming.h"
 #include "target_clones.h"
+#include "vec8.h"
 
 namespace fastdiff {
 namespace cpu {
 namespace {
 
-constexpr int kBlock = 256;    // elements worked at a time (their sums stay in L1)
+constexpr int kBlock = 256;    // elements whose noise is made at a time
 constexpr int kChunk = 4096;   // elements per task
 constexpr int64_t kParallelMin = 32768;  // elements below which one thread does the step
 
-// A block's sums: x0 and the outputs, kBlock floats each, term by term. Each term is one loop over the
-// block with its weights fixed, so that the choice of sums it enters (its use bits) is made once per term
-// and block, not per element, and the loop vectorises for every ISA (target_clones) on its own.
+// One pass per element: the sums (x0 and the outputs) of a few elements stay in registers while every
+// term is read and added, so each tensor crosses memory once and nothing is staged in between. `V` is
+// one float (the tail of a sample) or `f8`, eight floats (vec8.h). Each term's use bits pick its products
+// at run time, the same branch for every element of a block (predicted), so a zero weight costs no product.
+template <typename V> constexpr int kLanes = sizeof(V) / sizeof(float);
 
-template <typename T>
-FD_INLINE float ld(const T* p) { return to_float(*p); }
-
-// Adds term v with weight a in x0 and c[k] in output k, for the sums in the bit set USE (output k: bit k,
-// x0: kUseX0), chosen at compile time: no product at all where a weight is 0 (0*inf would be NaN).
-template <int USE, int NOUT, typename T>
-FD_INLINE void add_term(const T* __restrict v, int len, float a, const float* c, float* __restrict x0,
-                        float (*__restrict o)[kBlock]) {
-  const float c0 = c[0], c1 = NOUT > 1 ? c[1] : 0.0f, c2 = NOUT > 2 ? c[2] : 0.0f;
-  for (int j = 0; j < len; ++j) {
-    const float t = ld(v + j);
-    if constexpr ((USE & kUseX0) != 0) x0[j] += a * t;
-    if constexpr (NOUT > 0 && (USE & 1)) o[0][j] += c0 * t;
-    if constexpr (NOUT > 1 && (USE & 2)) o[1][j] += c1 * t;
-    if constexpr (NOUT > 2 && (USE & 4)) o[2][j] += c2 * t;
+template <typename V, typename T>
+FD_INLINE V load(const T* p) {
+  if constexpr (std::is_same_v<V, float>) {
+    return to_float(*p);
+  } else {
+    return load8(p);
   }
 }
 
-template <int NOUT, typename T>
-FD_INLINE void add_term(int use, const T* v, int len, float a, const float* c, float* x0, float (*o)[kBlock]) {
-  static_assert(kUseX0 == 8, "four use bits");
-  switch (use & 15) {
-#define FD_USE(U) case U: add_term<U, NOUT>(v, len, a, c, x0, o); break;
-    FD_USE(1) FD_USE(2) FD_USE(3) FD_USE(4) FD_USE(5) FD_USE(6) FD_USE(7) FD_USE(8)
-    FD_USE(9) FD_USE(10) FD_USE(11) FD_USE(12) FD_USE(13) FD_USE(14) FD_USE(15)
-#undef FD_USE
-    default: break;
+template <typename V, typename T>
+FD_INLINE void store(T* dst, V v, bool nt) {
+  if constexpr (std::is_same_v<V, float>) {
+    *dst = from_float<T>(v);
+  } else {
+    store8(dst, v, nt);
   }
 }
 
-// Elements [b, b + len) of the sample: every term, then x0, then the outputs (streaming stores when `nt`:
-// put, streaming.h). z: the block's Philox noise (null: none, or given noise read from s.noise).
-template <typename T, int NOUT>
-FD_INLINE void step_block(const LinearTerms& s, const float* z, T* const* out, int64_t b, int len, bool nt) {
-  alignas(64) float x0[kBlock], o[NOUT][kBlock], t[kBlock];
-  if (s.x0)
-    for (int j = 0; j < len; ++j) x0[j] = 0.0f;
+// Adds term v (weight a in x0, c[k] in output k) to the sums its use bits name, for U vectors of elements.
+template <int U, int NOUT, typename V>
+FD_INLINE void add(int use, const V (&v)[U], float a, const float* c, V (&x0)[U], V (&o)[NOUT][U]) {
+  if (use & kUseX0)
+    for (int u = 0; u < U; ++u) x0[u] += a * v[u];
   for (int k = 0; k < NOUT; ++k)
-    for (int j = 0; j < len; ++j) o[k][j] = s.base[k];
-  for (int q = 0; q < s.n; ++q)
-    add_term<NOUT>(s.use[q], static_cast<const T*>(s.p[q]) + b, len, s.a[q], s.c[q], x0, o);
-  if (s.delta) add_term<NOUT>(s.delta_use, s.delta + b, len, 0.0f, s.c_delta, x0, o);
-  if (z) add_term<NOUT>(s.z_use, z, len, 0.0f, s.c_z, x0, o);
-  if (s.z && s.noise) {
-    const T* noise = static_cast<const T*>(s.noise) + b;
-    if (s.var) {  // DDIM-GMM: given noise times the gathered component's std, sqrt(max(VAR - var, 0))
-      for (int j = 0; j < len; ++j) t[j] = ld(noise + j) * sqrtf(component_var(s.var_total, s.var[b + j]));
-      add_term<NOUT>(s.z_use, t, len, 0.0f, s.c_z, x0, o);
-    } else {
-      add_term<NOUT>(s.z_use, noise, len, 0.0f, s.c_z, x0, o);
-    }
+    if (use & (1 << k))
+      for (int u = 0; u < U; ++u) o[k][u] += c[k] * v[u];
+}
+
+template <int U, typename V, typename T>
+FD_INLINE void load_u(V (&v)[U], const T* p) {
+  for (int u = 0; u < U; ++u) v[u] = load<V>(p + u * kLanes<V>);
+}
+
+// The U vectors (or floats) of elements from j on, of the block starting at element b of the sample. z: the
+// block's noise (Philox, or given noise times a gathered std), null when none or when given noise is a
+// plain term.
+template <typename V, int U, int NOUT, typename T>
+FD_INLINE void step_at(const LinearTerms& s, const float* z, T* const* out, int64_t b, int j, bool nt) {
+  const int64_t i = b + j;
+  V x0[U], o[NOUT][U], v[U];
+  for (int u = 0; u < U; ++u) {
+    x0[u] = V{};
+    for (int k = 0; k < NOUT; ++k) o[k][u] = x0[u] + s.base[k];
+  }
+  for (int q = 0; q < s.n; ++q) {
+    load_u(v, static_cast<const T*>(s.p[q]) + i);
+    add<U, NOUT>(s.use[q], v, s.a[q], s.c[q], x0, o);
+  }
+  if (s.delta) {
+    load_u(v, s.delta + i);
+    add<U, NOUT>(s.delta_use, v, 0.0f, s.c_delta, x0, o);
+  }
+  if (z) {
+    load_u(v, z + j);
+    add<U, NOUT>(s.z_use, v, 0.0f, s.c_z, x0, o);
   }
   if (s.x0) {
-    for (int j = 0; j < len; ++j) t[j] = clampf(s.as * x0[j], -s.r, s.r);
-    add_term<NOUT>(s.x0_use, t, len, 0.0f, s.c_x0, x0, o);
+    for (int u = 0; u < U; ++u) v[u] = clampf(s.as * x0[u], -s.r, s.r);
+    add<U, NOUT>(s.x0_use, v, 0.0f, s.c_x0, x0, o);
   }
-  for (int k = 0; k < NOUT; ++k) {
-    if constexpr (std::is_same_v<T, float>) {
-      put(out[k] + b, o[k], size_t(len) * sizeof(T), nt);
-    } else {
-      alignas(64) T u[kBlock];
-      for (int j = 0; j < len; ++j) u[j] = from_float<T>(o[k][j]);
-      put(out[k] + b, u, size_t(len) * sizeof(T), nt);
-    }
-  }
+  for (int k = 0; k < NOUT; ++k)
+    for (int u = 0; u < U; ++u) store(out[k] + i + u * kLanes<V>, o[k][u], nt);
+}
+
+constexpr int kUnroll = 2;  // vectors per pass over the terms (two sets of sums in registers)
+
+// Elements [b, b + len) of the sample: kUnroll vectors of eight at a time, then one at a time.
+template <typename T, int NOUT>
+FD_INLINE void step_block(const LinearTerms& s, const float* z, T* const* out, int64_t b, int len, bool nt) {
+  constexpr int W = kUnroll * kLanes<f8>;
+  int j = 0;
+  for (; j + W <= len; j += W) step_at<f8, kUnroll, NOUT>(s, z, out, b, j, nt);
+  for (; j < len; ++j) step_at<float, 1, NOUT>(s, z, out, b, j, false);
 }
 
 // Elements [i0, i1) of sample n.
@@ -106,15 +118,18 @@ FD_INLINE void step_chunk(const StepParams& p, int64_t n, int64_t i0, int64_t i1
   linear_terms(p, c, n, s);
   T* out[kMaxOut] = {static_cast<T*>(p.out0) + n * p.numel, static_cast<T*>(p.out1) + n * p.numel,
                      static_cast<T*>(p.out2) + n * p.numel};
-  const bool philox = s.z && !s.noise;
   for (int64_t b = i0; b < i1; b += kBlock) {
     const int len = int(std::min<int64_t>(kBlock, i1 - b));
     alignas(64) float z[kBlock];
-    if (philox) {  // in-kernel noise first, a block at a time
+    if (s.z && !s.noise) {  // in-kernel noise, a block at a time first (one vectorised pass per stage)
       philox_lanes<kBlock>(s.seed, b, uint32_t(p.noise_step), uint32_t(p.noise_domain), z);
       scale_by_std<kBlock>(z, s.var ? s.var + b : nullptr, s.var_total, len);
+    } else if (s.z) {  // given noise times the gathered component's std, sqrt(max(VAR - var, 0)) (DDIM-GMM)
+      const T* noise = static_cast<const T*>(s.noise) + b;
+      for (int j = 0; j < len; ++j)
+        z[j] = to_float(noise[j]) * (s.var ? sqrtf(component_var(s.var_total, s.var[b + j])) : 1.0f);
     }
-    step_block<T, NOUT>(s, philox ? z : nullptr, out, b, len, nt);
+    step_block<T, NOUT>(s, s.z ? z : nullptr, out, b, len, nt);
   }
 }
 
