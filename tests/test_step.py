@@ -201,14 +201,20 @@ def test_low_precision_outputs_round_to_nearest_even(device, backend, dtype):
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("c", [1.0, 1 + 5 / 1024, 3.0, 2.0**-13])
-def test_low_precision_every_bit_pattern(device, backend, dtype, c):
+@pytest.mark.parametrize("row", [4099, 15])
+def test_low_precision_every_bit_pattern(device, backend, dtype, c, row):
     """out = c*x over all 65536 bit patterns of the dtype (zeros, subnormals, the largest finite values, inf,
     NaN): c*x is exact in fp32 for these c, so each output must be torch's round-to-nearest-even conversion of
     the exact product - overflow to inf, rounding into the subnormals, NaN staying NaN - in the CPU kernel's
-    vectors and in its scalar tail alike (65536 elements in rows of 4099)."""
+    vector conversions (rows of 4099: all but 3 elements a row in vectors of 16) and in its per-element ones
+    (rows of 15: no vector fits)."""
     require_backend(backend, device)
+    if row == 15 and backend == "triton" and device == "cpu":
+        pytest.skip("rows of 15 test the CPU kernel's per-element path; Triton's interpreter has none and would "
+                    "take ~40 s for its 4370 programs (its conversions are checked in rows of 4099)")
     bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
-    x = torch.cat([bits.view(dtype), torch.zeros(4099 * 16 - 2**16, dtype=dtype)]).reshape(16, 4099)
+    rows = -(-(2**16) // row)
+    x = torch.cat([bits.view(dtype), torch.zeros(rows * row - 2**16, dtype=dtype)]).reshape(rows, row)
     coef = torch.zeros(1, L.NUM_COEF)
     coef[0, L.out(0, L.CX)] = c
     (out,) = ops.step(coef.to(device), x.to(device), backend=backend)

@@ -3,8 +3,8 @@
 // elements, sixteen at a time: their sums (x0, the outputs) stay in registers while every term is loaded
 // and added (x0 += a*v, out_k += c_k*v, a product only where the weight is not 0), then the clamped x0
 // term and the stores (streaming stores for outputs too big for the cache). Every tensor crosses memory
-// once and nothing is staged in between. In-kernel Philox noise, and given noise scaled by a gathered std
-// (DDIM-GMM), is made a block of 256 at a time first, in vectorised loops, and read as one more term.
+// once and nothing is staged in between, given noise scaled by a gathered std (DDIM-GMM) included. In-kernel
+// Philox noise is made a block of 256 at a time first, in vectorised stages, and read as one more term.
 // Portable build: the loops are compiled for baseline x86-64, x86-64-v3 (AVX2/FMA) and x86-64-v4
 // (AVX-512), picked at run time (GCC target_clones), as numpy does.
 #include <algorithm>
@@ -23,7 +23,7 @@ namespace fastdiff {
 namespace cpu {
 namespace {
 
-constexpr int kBlock = 256;    // elements whose noise is made at a time
+constexpr int kBlock = 256;    // elements whose Philox noise is made at a time
 constexpr int kChunk = 4096;   // elements per task
 constexpr int64_t kParallelMin = 32768;  // elements below which one thread does the step
 
@@ -39,6 +39,15 @@ FD_INLINE V load(const T* p) {
     return to_float(*p);
   } else {
     return load8(p);
+  }
+}
+
+template <typename V>
+FD_INLINE V sqrt_lanes(V v) {
+  if constexpr (std::is_same_v<V, float>) {
+    return sqrtf(v);
+  } else {
+    return sqrt8(v);
   }
 }
 
@@ -67,8 +76,9 @@ FD_INLINE void load_u(V (&v)[U], const T* p) {
 }
 
 // The U vectors (or floats) of elements from j on, of the block starting at element b of the sample. z: the
-// block's noise (Philox, or given noise times a gathered std), null when none or when given noise is a
-// plain term.
+// block's in-kernel Philox noise (null: none). Given noise that is not a plain term is scaled here by the
+// gathered component's std, sqrt(max(VAR - var, 0)) (DDIM-GMM), so that all its streams are read in the
+// one pass.
 template <typename V, int U, int NOUT, typename T>
 FD_INLINE void step_at(const LinearTerms& s, const float* z, T* const* out, int64_t b, int j, bool nt) {
   const int64_t i = b + j;
@@ -87,6 +97,14 @@ FD_INLINE void step_at(const LinearTerms& s, const float* z, T* const* out, int6
   }
   if (z) {
     load_u(v, z + j);
+    add<U, NOUT>(s.z_use, v, 0.0f, s.c_z, x0, o);
+  } else if (s.z) {
+    load_u(v, static_cast<const T*>(s.noise) + i);
+    if (s.var) {  // no std row (a component outside the tables, NaN outputs): the noise as given
+      V var[U];
+      load_u(var, s.var + i);
+      for (int u = 0; u < U; ++u) v[u] *= sqrt_lanes(component_var(s.var_total, var[u]));
+    }
     add<U, NOUT>(s.z_use, v, 0.0f, s.c_z, x0, o);
   }
   if (s.x0) {
@@ -118,18 +136,13 @@ FD_INLINE void step_chunk(const StepParams& p, int64_t n, int64_t i0, int64_t i1
   linear_terms(p, c, n, s);
   T* out[kMaxOut] = {static_cast<T*>(p.out0) + n * p.numel, static_cast<T*>(p.out1) + n * p.numel,
                      static_cast<T*>(p.out2) + n * p.numel};
-  for (int64_t b = i0; b < i1; b += kBlock) {
+  if (!s.z || s.noise) return step_block<T, NOUT>(s, nullptr, out, i0, int(i1 - i0), nt);
+  for (int64_t b = i0; b < i1; b += kBlock) {  // in-kernel noise first, a block at a time (vectorised stages)
     const int len = int(std::min<int64_t>(kBlock, i1 - b));
     alignas(64) float z[kBlock];
-    if (s.z && !s.noise) {  // in-kernel noise, a block at a time first (one vectorised pass per stage)
-      philox_lanes<kBlock>(s.seed, b, uint32_t(p.noise_step), uint32_t(p.noise_domain), z);
-      scale_by_std<kBlock>(z, s.var ? s.var + b : nullptr, s.var_total, len);
-    } else if (s.z) {  // given noise times the gathered component's std, sqrt(max(VAR - var, 0)) (DDIM-GMM)
-      const T* noise = static_cast<const T*>(s.noise) + b;
-      for (int j = 0; j < len; ++j)
-        z[j] = to_float(noise[j]) * (s.var ? sqrtf(component_var(s.var_total, s.var[b + j])) : 1.0f);
-    }
-    step_block<T, NOUT>(s, s.z ? z : nullptr, out, b, len, nt);
+    philox_lanes<kBlock>(s.seed, b, uint32_t(p.noise_step), uint32_t(p.noise_domain), z);
+    scale_by_std<kBlock>(z, s.var ? s.var + b : nullptr, s.var_total, len);
+    step_block<T, NOUT>(s, z, out, b, len, nt);
   }
 }
 

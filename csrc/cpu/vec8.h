@@ -1,8 +1,8 @@
 // Eight floats as one GCC/Clang vector (`f8`: a native register in the AVX2 and AVX-512 clones, two SSE
-// registers in the baseline one), loaded from and stored to each storage dtype with integer vector code:
-// to_float / from_float of fastdiff/common.cuh lane by lane, each branch a select, so the same values
-// (exact widening; round to nearest even, overflow to inf, NaN kept NaN). Every clone vectorises it (F16C's
-// conversions would need per-clone source, and a compiler's generic _Float16 vectors go lane by lane).
+// registers in the baseline one), loaded from and stored to each storage dtype by common.cuh's own
+// conversions instantiated on vectors of lanes (the same code as one element's, so the same values).
+// Every clone vectorises them (F16C's instructions would need per-clone sources, and a compiler's generic
+// _Float16 vectors convert lane by lane).
 #pragma once
 
 #include <cstdint>
@@ -22,30 +22,10 @@ typedef float f8 __attribute__((vector_size(32)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
 
-FD_INLINE u32x8 splat(uint32_t v) { return u32x8{} + v; }
-
-// binary16 bits (zero-extended) -> binary32, as to_float(half_t).
-FD_INLINE f8 half_to_float(u32x8 h) {
-  u32x8 o = (h & 0x7fffu) << 13;  // exponent and mantissa in place
-  const u32x8 exp = o & splat(0x7c00u << 13);
-  o += (127u - 15u) << 23;  // rebias
-  const u32x8 special = (u32x8)(exp == (0x7c00u << 13));
-  o += special & splat((128u - 16u) << 23);  // inf / NaN
-  const u32x8 sub = (u32x8)((f8)(o + (1u << 23)) - (f8)splat(113u << 23));  // zero / subnormal
-  o = exp == 0 ? sub : o;
-  return (f8)(o | ((h & 0x8000u) << 16));
-}
-
-// binary32 -> binary16 bits (in the low half of each lane), as from_float<half_t>.
-FD_INLINE u32x8 float_to_half(f8 v) {
-  u32x8 u = (u32x8)v;
-  const u32x8 sign = u & 0x80000000u;
-  u ^= sign;
-  const u32x8 big = u > 0x7f800000u ? splat(0x7e00u) : splat(0x7c00u);             // >= 65536: inf, or NaN
-  const u32x8 sub = (u32x8)((f8)u + 0.5f) - (126u << 23);                         // subnormal or zero
-  const u32x8 normal = (u + ((15u - 127u) << 23) + 0xfffu + ((u >> 13) & 1u)) >> 13;
-  const u32x8 o = u >= (143u << 23) ? big : u < (113u << 23) ? sub : normal;
-  return (o & 0xffffu) | (sign >> 16);
+// Square roots lane by lane (vsqrtps in the AVX2 and AVX-512 clones: no errno, -fno-math-errno).
+FD_INLINE f8 sqrt8(f8 v) {
+  for (int l = 0; l < 8; ++l) v[l] = __builtin_sqrtf(v[l]);
+  return v;
 }
 
 // Stores 16 bytes at dst: a streaming store when `nt` (dst then 16-byte aligned).
@@ -76,7 +56,7 @@ FD_INLINE f8 load8(const T* p) {
   } else {
     u16x8 h;
     std::memcpy(&h, p, sizeof(h));
-    return half_to_float(__builtin_convertvector(h, u32x8));
+    return (f8)half_to_float_bits<f8>(__builtin_convertvector(h, u32x8));
   }
 }
 
@@ -84,21 +64,18 @@ FD_INLINE f8 load8(const T* p) {
 template <typename T>
 FD_INLINE void store8(T* dst, f8 v, bool nt) {
   if constexpr (std::is_same_v<T, float>) {
-    uint8_t b[32];
-    std::memcpy(b, &v, 32);
-    u16x8 lo, hi;  // 16 bytes each
-    std::memcpy(&lo, b, 16);
-    std::memcpy(&hi, b + 16, 16);
-    put16(dst, lo, nt);
-    put16(dst + 4, hi, nt);
+    if (!nt) {
+      std::memcpy(dst, &v, sizeof(v));
+      return;
+    }
+    u16x8 half[2];  // 16 bytes each
+    std::memcpy(half, &v, sizeof(v));
+    put16(dst, half[0], true);
+    put16(dst + 4, half[1], true);
   } else if constexpr (std::is_same_v<T, bf16_t>) {
-    const u32x8 u = (u32x8)v;
-    const u32x8 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    const u32x8 quiet = (u >> 16) | 0x40u;  // NaN: kept NaN, as from_float<bf16_t>
-    const u32x8 r = (u & 0x7fffffffu) > 0x7f800000u ? quiet : rounded;
-    put16(dst, __builtin_convertvector(r, u16x8), nt);
+    put16(dst, __builtin_convertvector(float_to_bf16_bits((u32x8)v), u16x8), nt);
   } else {
-    put16(dst, __builtin_convertvector(float_to_half(v), u16x8), nt);
+    put16(dst, __builtin_convertvector(float_to_half_bits<f8, u32x8>(v), u16x8), nt);
   }
 }
 

@@ -55,48 +55,57 @@ template <> __device__ FD_INLINE bf16_t from_float<bf16_t>(float f) {
 }
 #else
 
-// IEEE binary16 -> binary32, exact, branch-light (subnormals via a magic subtraction).
-FD_HD FD_INLINE float to_float(half_t v) {
-  const uint32_t h = v.bits;
-  uint32_t o = (h & 0x7fffu) << 13;        // exponent and mantissa in place
-  const uint32_t exp = o & (0x7c00u << 13);
-  o += (127u - 15u) << 23;                 // rebias
-  if (exp == (0x7c00u << 13)) {            // Inf / NaN
-    o += (128u - 16u) << 23;
-  } else if (exp == 0) {                   // zero / subnormal
-    o += 1u << 23;
-    o = float_bits(bits_float(o) - bits_float(113u << 23));
-  }
-  return bits_float(o | ((h & 0x8000u) << 16));
+// The host's conversions, written once for one lane (U = uint32_t, F = float) and for a CPU vector of lanes
+// (csrc/cpu/vec8.h: GCC/Clang vector types): every branch is a select, which both forms compile.
+template <typename To, typename From>
+FD_HD FD_INLINE To bit_cast_lanes(From v) {
+  To t;
+  std::memcpy(&t, &v, sizeof(t));
+  return t;
 }
+
+// IEEE binary16 bits -> binary32 bits, exact (subnormals via a magic subtraction).
+template <typename F, typename U>
+FD_HD FD_INLINE U half_to_float_bits(U h) {
+  U o = (h & 0x7fffu) << 13;  // exponent and mantissa in place
+  const U exp = o & (U{} + (0x7c00u << 13));
+  o += (127u - 15u) << 23;  // rebias
+  o += exp == (0x7c00u << 13) ? U{} + ((128u - 16u) << 23) : U{};  // inf / NaN
+  const U sub = bit_cast_lanes<U>(bit_cast_lanes<F>(o + (1u << 23)) - bit_cast_lanes<F>(U{} + (113u << 23)));
+  o = exp == 0u ? sub : o;  // zero / subnormal
+  return o | ((h & 0x8000u) << 16);
+}
+
+// binary32 -> binary16 bits (the low 16 of each lane): round to nearest even, overflow to inf, NaN stays NaN.
+template <typename F, typename U>
+FD_HD FD_INLINE U float_to_half_bits(F f) {
+  U u = bit_cast_lanes<U>(f);
+  const U sign = u & 0x80000000u;
+  u ^= sign;
+  const U big = u > 0x7f800000u ? U{} + 0x7e00u : U{} + 0x7c00u;            // >= 65536: inf, or NaN
+  const U sub = bit_cast_lanes<U>(bit_cast_lanes<F>(u) + 0.5f) - (126u << 23);  // subnormal or zero: adding
+                                                                                // 0.5 aligns and rounds
+  const U normal = (u + ((15u - 127u) << 23) + 0xfffu + ((u >> 13) & 1u)) >> 13;
+  const U o = u >= (143u << 23) ? big : u < (113u << 23) ? sub : normal;
+  return (o & 0xffffu) | (sign >> 16);
+}
+
+// binary32 bits -> bfloat16 bits (the low 16 of each lane): round to nearest even; NaN stays NaN.
+template <typename U>
+FD_HD FD_INLINE U float_to_bf16_bits(U u) {
+  const U rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded;
+}
+
+FD_HD FD_INLINE float to_float(half_t v) { return bits_float(half_to_float_bits<float>(uint32_t(v.bits))); }
 
 template <typename T> FD_HD FD_INLINE T from_float(float f);
 template <> FD_HD FD_INLINE float from_float<float>(float f) { return f; }
-
-// binary32 -> bfloat16, round to nearest even; NaN stays NaN.
 template <> FD_HD FD_INLINE bf16_t from_float<bf16_t>(float f) {
-  const uint32_t u = float_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{uint16_t((u >> 16) | 0x40u)};
-  return bf16_t{uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
+  return bf16_t{uint16_t(float_to_bf16_bits(float_bits(f)))};
 }
-
-// binary32 -> binary16, round to nearest even, overflow to Inf, NaN stays NaN.
 template <> FD_HD FD_INLINE half_t from_float<half_t>(float f) {
-  uint32_t u = float_bits(f);
-  const uint32_t sign = u & 0x80000000u;
-  u ^= sign;
-  uint16_t o;
-  if (u >= (143u << 23)) {                       // >= 65536: Inf, or NaN
-    o = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
-  } else if (u < (113u << 23)) {                 // result is subnormal or zero
-    const float g = bits_float(u) + bits_float(126u << 23);   // 0.5: aligns the mantissa, rounds
-    o = uint16_t(float_bits(g) - (126u << 23));
-  } else {
-    const uint32_t odd = (u >> 13) & 1u;
-    u += ((15u - 127u) << 23) + 0xfffu + odd;
-    o = uint16_t(u >> 13);
-  }
-  return half_t{uint16_t(o | (sign >> 16))};
+  return half_t{uint16_t(float_to_half_bits<float, uint32_t>(f))};
 }
 #endif  // __CUDA_ARCH__
 
