@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {
     "backends", "layout", "ops", "plan", "philox", "reference", "samplers", "schedules", "oracle", "loop", "stepper",
-    "integrations", "gmm", "conditioning", "training",
+    "integrations", "gmm", "conditioning", "training", "memory",
 }
 
 

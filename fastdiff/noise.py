@@ -20,6 +20,8 @@ import warnings
 
 import torch
 
+from fastdiff import memory
+
 PROBE_SEED, PROBE_NUMEL = 20240521, 37  # the first-use check: a draw with a tail, and the state after it
 
 
@@ -78,7 +80,7 @@ def randn(*size, generator=None, dtype=None, device=None, layout=None) -> torch.
     shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
     if not _fast(math.prod(shape), generator, dtype, device, layout):
         return torch.randn(shape, generator=generator, dtype=dtype, device=device, layout=layout)
-    return _draw_into(torch.empty(shape, dtype=torch.float32), generator)
+    return _draw_into(memory.empty(shape, torch.float32), generator)
 
 
 def randn_like(x: torch.Tensor, generator=None) -> torch.Tensor:
@@ -86,7 +88,7 @@ def randn_like(x: torch.Tensor, generator=None) -> torch.Tensor:
     if not x.is_contiguous() or not _fast(x.numel(), generator, x.dtype, x.device, x.layout):
         return torch.randn_like(x) if generator is None else \
             torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device, layout=x.layout)
-    return _draw_into(torch.empty(x.shape, dtype=torch.float32), generator)
+    return _draw_into(memory.empty(x.shape, torch.float32), generator)
 
 
 def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None) -> torch.Tensor:
@@ -112,7 +114,7 @@ def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None) ->
         return randn(tuple(shape), generator=generator, device=rand_device, dtype=dtype, layout=layout).to(device)
     row = (1, *tuple(shape)[1:])
     if all(_fast(math.prod(row), g, dtype, rand_device, layout) for g in generator):  # each sample drawn in place
-        out = torch.empty((shape[0], *row[1:]))
+        out = memory.empty((shape[0], *row[1:]), torch.float32)
         for i in range(shape[0]):
             _draw_into(out[i], generator[i])
         return out.to(device)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from fastdiff import memory
 from fastdiff.ops.step import step_positional
 from fastdiff.philox import DOMAIN_STEP
 from fastdiff.plan import Plan
@@ -79,7 +80,7 @@ class Stepper:
         if isinstance(spare, list):
             spare = spare.pop() if spare else None
         if spare is None or spare.shape != like.shape or spare.dtype != like.dtype or spare.device != like.device:
-            return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+            return memory.empty_like(like)
         return spare
 
     def step(self, x: torch.Tensor | None, e=(), *, e_uncond=None, noise=None, seeds=None, noise_step=None,
@@ -141,14 +142,14 @@ class Stepper:
         outs = None
         if out is not None or plan.keeps:
             like = ref if ref is not None else torch.empty(shape, dtype=dtype, device=device)
-            outs = [out if out is not None else torch.empty_like(like, memory_format=torch.contiguous_format)]
+            outs = [out if out is not None else memory.empty_like(like)]
             for role in plan.outputs[1:]:
                 if role == "history":
                     outs.append(self._buffer(self._spare, like))
                 elif role == "x_last":
                     outs.append(self._buffer(self._x_last_spare, like))
                 else:
-                    outs.append(torch.empty_like(like, memory_format=torch.contiguous_format))
+                    outs.append(memory.empty_like(like))
         offset, component, delta_table, var_table = (tables.get(k) for k in _TABLE_ORDER) if tables else _NO_TABLES
         results = step_positional(
             coef, x, e, e_uncond, self._history if m is None else list(m), self._x_last, r, rows, offset, component,

@@ -15,9 +15,10 @@ from typing import List, Optional
 
 import torch
 
-from fastdiff import backends, philox
+from fastdiff import backends, memory, philox
 from fastdiff import layout as L
 from fastdiff.backends import forced_backend
+from fastdiff.memory import empty_like
 from fastdiff.ops.common import DTYPE_CODE, native_step, needs_reference
 from fastdiff.ops.step_args import StepArgs, check_out, validate
 
@@ -149,8 +150,7 @@ def _run_signature(sig: _Signature, x, e, eu, m, x_last, row, noise, seeds, nois
                    rows, offset, component, delta_table, var_table):
     """A call of a known kind: outputs allocated (or the checked `out`), then one native launch."""
     if out is None:
-        out = (torch.empty_like(x),) if n_out == 1 else (torch.empty_like(x), torch.empty_like(x)) \
-            if n_out == 2 else (torch.empty_like(x), torch.empty_like(x), torch.empty_like(x))
+        out = tuple(empty_like(x) for _ in range(n_out))
     sig.launch(sig.pack(x, e, eu, m, x_last, noise, seeds, row, noise_step, noise_domain, out, rows, offset, component,
                         delta_table, var_table))
     return tuple(out)
@@ -231,7 +231,8 @@ def _execute(a: StepArgs, out: Sequence[torch.Tensor] | None, backend: str | Non
             o.copy_(r)
         return tuple(out)
     if out is None:
-        outs = tuple(torch.empty(a.shape, dtype=a.dtype, device=a.device) for _ in range(a.n_out))
+        outs = tuple(torch.empty(a.shape, dtype=a.dtype, device=a.device) if a.device.type != "cpu"
+                     else memory.empty(a.shape, a.dtype) for _ in range(a.n_out))
         run(a, outs, backend)
         return outs
     out = check_out(a, out)

@@ -1,0 +1,153 @@
+"""Host memory that fastdiff's CPU outputs reuse: a small cache of blocks, as torch's CUDA allocator keeps
+for the GPU.
+
+A fresh CPU tensor of 64 KiB or more often comes from new pages: the allocator maps them on allocation
+and hands them back to the system on free once enough is free at the top of its heap (128 KiB by default,
+more after large frees), so a sampling loop that allocates the next sample, the data prediction and the
+noise every step pays a page fault and a zeroing for every 4 KiB it writes - at 16x4x256x256 more time
+than the step itself, and a few microseconds per output at 1x4x64x64. fastdiff's
+CPU steps and noise draws take their outputs from here instead: per shape and dtype, up to ``BLOCKS_PER_SIZE`` blocks
+are kept, and a block is handed out again only once nothing holds it - no tensor or view (its storage's
+reference count is the cache's own), and no Python object of its storage (torch keeps one such object per
+storage, which someone may hold: Python's reference count tells) - so a returned tensor is never written
+behind its holder's back, whether kept by the user, a view, a numpy array or autograd. What the two counts
+read for an idle block is measured at import; where a holder would read the same, there is no cache. Small
+tensors, other devices and traced code use ``torch.empty``.
+
+``empty_cache()`` gives the idle blocks back; ``set_limit(mb)`` bounds what the cache holds (default
+``FASTDIFF_CPU_CACHE_MB`` or 512; 0 turns it off).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+
+import torch
+
+MIN_BYTES = 1 << 16     # 1x4x64x64 float32; below, a block costs more to find than to map
+BLOCKS_PER_SIZE = 4     # a step's outputs and noise, and the sample the caller still holds
+
+_use_count = getattr(torch._C, "_storage_Use_Count", None)  # absent: no cache
+_lock = threading.Lock()
+_blocks: dict[tuple, list[torch.Tensor]] = {}  # per (shape, dtype): a tensor over each block, the cache's own
+_held = 0               # bytes in _blocks
+_limit = 0
+
+
+def set_limit(mb: float) -> None:
+    """Keep at most `mb` MiB of blocks (0: no cache; blocks held beyond it are let go once idle)."""
+    global _limit
+    if not isinstance(mb, (int, float)) or isinstance(mb, bool) or not mb >= 0:
+        raise ValueError(f"mb: expected a number of MiB >= 0, got {mb!r}")
+    _limit = int(mb * (1 << 20))
+    if _held > _limit:
+        empty_cache()
+
+
+def empty_cache() -> int:
+    """Let go of every idle block (one no tensor holds); returns the bytes let go."""
+    global _held
+    freed = 0
+    with _lock:
+        for key, blocks in list(_blocks.items()):
+            keep = [b for b in blocks if _idle(b) is None]
+            freed += (len(blocks) - len(keep)) * blocks[0].numel() * blocks[0].element_size()
+            if keep:
+                _blocks[key] = keep
+            else:
+                del _blocks[key]
+        _held -= freed
+    return freed
+
+
+def cached_bytes() -> int:
+    """Bytes the cache holds, idle or in use."""
+    return _held
+
+
+def _counts(block: torch.Tensor) -> tuple[int, int]:
+    storage = block.untyped_storage()
+    return _use_count(storage._cdata), sys.getrefcount(storage)
+
+
+def _idle(block: torch.Tensor):
+    """The storage of `block` when only the cache holds it, else None."""
+    storage = block.untyped_storage()  # the storage's one Python object (made now, or the one someone holds)
+    if (_use_count(storage._cdata), sys.getrefcount(storage)) == _IDLE:  # counted as _counts counts
+        return storage
+    return None
+
+
+def _calibrate():
+    """What _counts gives for a block only the cache holds, on this torch and Python; None (no cache) if a
+    block held by a tensor, a view or its storage's Python object would count the same."""
+    if _use_count is None:
+        return None
+    t = torch.empty(16)
+    block = t.detach()
+    by_tensor = _counts(block)
+    del t
+    idle = _counts(block)
+    storage = block.untyped_storage()
+    by_storage = _counts(block)
+    del storage
+    view = torch.empty(0).set_(block.untyped_storage(), 0, (16,))[1:]
+    by_view = _counts(block)
+    del view
+    if idle in (by_tensor, by_storage, by_view) or _counts(block) != idle:
+        return None
+    return idle
+
+
+_IDLE = _calibrate()
+
+
+def empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty(shape, dtype=dtype)`` on the CPU, contiguous: an idle cached block of that shape and
+    dtype where there is one (a new alias of it, ``detach()``: no view, its own autograd state)."""
+    global _held
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < MIN_BYTES or _limit == 0 or _IDLE is None:
+        return torch.empty(shape, dtype=dtype)
+    key = (tuple(shape), dtype)
+    with _lock:
+        blocks = _blocks.get(key)
+        if blocks:
+            for b in blocks:
+                storage = _idle(b)
+                if storage is not None:
+                    if storage.nbytes() == nbytes:
+                        return b.detach()
+                    blocks.remove(b)  # resized by its last holder: let it go
+                    _held -= nbytes
+                    break
+        t = torch.empty(shape, dtype=dtype)
+        if torch.compiler.is_compiling():
+            return t
+        if blocks is None:
+            blocks = _blocks[key] = []
+        if len(blocks) < BLOCKS_PER_SIZE and _held + nbytes <= _limit:
+            blocks.append(t.detach())
+            _held += nbytes
+        return t
+
+
+def empty_like(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous ``torch.empty_like(x)``: from the cache for a CPU tensor."""
+    if x.device.type != "cpu":
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return empty(x.shape, x.dtype)
+
+
+def _env_limit() -> float:
+    value = os.environ.get("FASTDIFF_CPU_CACHE_MB", "512")
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"FASTDIFF_CPU_CACHE_MB: expected a number of MiB >= 0, got {value!r}") from None
+
+
+set_limit(_env_limit())

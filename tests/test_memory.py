@@ -1,0 +1,150 @@
+"""fastdiff.memory: the host blocks that CPU step outputs and noise draws reuse. A block goes out again only
+once nothing holds it - the caller's tensor, a view of it, a numpy array over it, autograd - so reuse can
+never overwrite what someone still reads; and a loop that drops its old outputs gets the same blocks back
+(no fresh pages every step). The values the steps write are the subject of the other test files."""
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+
+from fastdiff import memory
+from fastdiff.integrations.diffusers import FastEulerAncestralDiscreteScheduler
+from fastdiff.ops import step
+
+BIG = (4, 4, 128, 128)  # 1 MiB of float32
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    memory.empty_cache()
+    yield
+    memory.set_limit(512)
+    memory.empty_cache()
+
+
+def ptr(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def test_idle_block_comes_back_and_held_one_does_not():
+    a = memory.empty(BIG, torch.float32)
+    pa = ptr(a)
+    b = memory.empty(BIG, torch.float32)
+    assert ptr(b) != pa  # `a` is held
+    a.fill_(1.0)
+    del a
+    c = memory.empty(BIG, torch.float32)
+    assert ptr(c) == pa and c.shape == BIG and c.dtype == torch.float32 and c.is_contiguous()
+    assert c._base is None and not c.requires_grad
+
+
+@pytest.mark.parametrize("holder", ["view", "numpy", "storage", "autograd"])
+def test_block_held_through_another_object_is_not_reused(holder):
+    a = memory.empty(BIG, torch.float32)
+    pa = ptr(a)
+    if holder == "view":
+        keep = a[1:]
+    elif holder == "numpy":
+        keep = a.numpy()
+    elif holder == "storage":
+        keep = a.untyped_storage()
+    else:
+        w = torch.ones(BIG, requires_grad=True)
+        keep = (w * a).sum().grad_fn  # saves `a` for the backward
+    del a
+    gc.collect()
+    for _ in range(memory.BLOCKS_PER_SIZE + 1):
+        assert ptr(memory.empty(BIG, torch.float32)) != pa
+    del keep
+    assert ptr(memory.empty(BIG, torch.float32)) == pa
+
+
+def test_a_held_output_keeps_its_values_while_the_loop_goes_on():
+    """Every step's output is a fresh block while the caller holds the earlier ones, and a dropped one
+    comes back: after 20 steps, the kept outputs still hold what their steps wrote."""
+    import fastdiff.layout as L
+    coef = torch.zeros(1, L.NUM_COEF)
+    coef[0, L.out(0, L.CX)] = 1.0
+    coef[0, L.out(0, L.CE0)] = 1.0
+    x = torch.zeros(BIG)
+    kept, ptrs = [], set()
+    for i in range(20):
+        (x,) = step(coef, x, [torch.full(BIG, 1.0)], backend="cpu")
+        ptrs.add(ptr(x))
+        if i % 5 == 0:
+            kept.append((i + 1, x))
+    for value, t in kept:
+        assert torch.all(t == value)
+    assert len(ptrs) <= len(kept) + memory.BLOCKS_PER_SIZE  # dropped outputs came back
+
+
+def test_drop_in_loop_reuses_blocks_and_its_samples_are_distinct():
+    s = FastEulerAncestralDiscreteScheduler()
+    s.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(BIG) * s.init_noise_sigma
+    eps = torch.randn(BIG)
+    seen, before = set(), memory.cached_bytes()
+    for t in s.timesteps:
+        out = s.step(eps, t, x, generator=g)
+        assert ptr(out.prev_sample) != ptr(x)
+        x = out.prev_sample
+        seen.add(ptr(x))
+    assert len(seen) <= memory.BLOCKS_PER_SIZE
+    assert memory.cached_bytes() - before <= memory.BLOCKS_PER_SIZE * x.numel() * 4
+
+
+def test_small_tensors_and_other_devices_bypass_the_cache():
+    small = memory.empty((10, 10), torch.float32)
+    assert small.shape == (10, 10) and memory.cached_bytes() == 0
+    meta = memory.empty_like(torch.empty(BIG, device="meta"))
+    assert meta.device.type == "meta" and meta.shape == BIG
+
+
+def test_limit_and_empty_cache():
+    memory.set_limit(0)
+    a = memory.empty(BIG, torch.float32)
+    pa = ptr(a)
+    del a
+    assert memory.cached_bytes() == 0
+    memory.set_limit(512)
+    a = memory.empty(BIG, torch.float32)
+    nbytes = a.numel() * 4
+    assert memory.cached_bytes() == nbytes
+    assert memory.empty_cache() == 0  # held: not let go
+    del a
+    assert memory.empty_cache() == nbytes and memory.cached_bytes() == 0
+    del pa
+
+
+def test_resized_block_is_let_go():
+    a = memory.empty(BIG, torch.float32)
+    a.resize_(2 * a.numel())
+    del a
+    b = memory.empty(BIG, torch.float32)
+    assert b.numel() * 4 == b.untyped_storage().nbytes()
+    assert memory.cached_bytes() == b.numel() * 4
+
+
+@pytest.mark.parametrize("bad", [-1, "512", float("nan"), True])
+def test_bad_limit(bad):
+    with pytest.raises(ValueError, match="mb: expected a number of MiB >= 0"):
+        memory.set_limit(bad)
+
+
+def test_bad_env_limit(monkeypatch):
+    monkeypatch.setenv("FASTDIFF_CPU_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match="FASTDIFF_CPU_CACHE_MB: expected a number of MiB >= 0, got 'lots'"):
+        memory._env_limit()
+
+
+def test_numpy_view_of_reused_block_is_independent():
+    a = memory.empty(BIG, torch.float32)
+    a.fill_(3.0)
+    arr = np.asarray(a)
+    del a
+    b = memory.empty(BIG, torch.float32)
+    b.fill_(5.0)
+    assert np.all(arr == 3.0)
