@@ -18,7 +18,6 @@ import torch
 from fastdiff import backends, memory, philox
 from fastdiff import layout as L
 from fastdiff.backends import forced_backend
-from fastdiff.memory import empty_like
 from fastdiff.ops.common import DTYPE_CODE, native_step, needs_reference
 from fastdiff.ops.step_args import StepArgs, check_out, validate
 
@@ -33,11 +32,12 @@ class _Signature:
     everything else baked in."""
 
     __slots__ = ("coef", "version", "rows", "flags", "size", "dtype", "device", "rows_len", "tables", "table_rows",
-                 "pack", "launch")
+                 "pack", "launch", "pooled")
 
     def __init__(self, a: StepArgs, backend: str, flags: tuple):
         self.coef, self.version, self.rows = weakref.ref(a.coef), a.coef._version, a.coef.shape[0]
         self.flags, self.size, self.dtype, self.device = flags, torch.Size(a.shape), a.dtype, a.device
+        self.pooled = a.device.type == "cpu" and a.batch * a.numel * a.dtype.itemsize >= memory.MIN_BYTES
         self.rows_len = None if a.rows is None else a.rows.shape[0]
         self.tables = tuple(None if t is None else t.shape for t in (a.delta_table, a.var_table))
         self.table_rows = next((shape[0] for shape in self.tables if shape is not None), None)  # K
@@ -150,7 +150,11 @@ def _run_signature(sig: _Signature, x, e, eu, m, x_last, row, noise, seeds, nois
                    rows, offset, component, delta_table, var_table):
     """A call of a known kind: outputs allocated (or the checked `out`), then one native launch."""
     if out is None:
-        out = tuple(empty_like(x) for _ in range(n_out))
+        if sig.pooled:  # CPU outputs of a MiB or more: reused host blocks (fastdiff.memory)
+            out = tuple(memory.empty(sig.size, sig.dtype) for _ in range(n_out))
+        else:
+            out = (torch.empty_like(x),) if n_out == 1 else (torch.empty_like(x), torch.empty_like(x)) \
+                if n_out == 2 else (torch.empty_like(x), torch.empty_like(x), torch.empty_like(x))
     sig.launch(sig.pack(x, e, eu, m, x_last, noise, seeds, row, noise_step, noise_domain, out, rows, offset, component,
                         delta_table, var_table))
     return tuple(out)
