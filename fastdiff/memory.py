@@ -4,14 +4,16 @@ for the GPU.
 A fresh CPU tensor of a megabyte or more often comes from new pages: the allocator maps them on
 allocation and hands them back to the system on free once enough is free at the top of its heap, so a
 sampling loop that allocates the next sample, the data prediction and the noise every step pays a page
-fault and a zeroing for every 4 KiB it writes - at 16x4x256x256 more time than the step itself. fastdiff's
-CPU steps and noise draws take their outputs from here instead: per shape and dtype, up to ``BLOCKS_PER_SIZE`` blocks
-are kept, and a block is handed out again only once nothing holds it - no tensor or view (its storage's
-reference count is the cache's own), and no Python object of its storage (torch keeps one such object per
-storage, which someone may hold: Python's reference count tells) - so a returned tensor is never written
-behind its holder's back, whether kept by the user, a view, a numpy array or autograd. What the two counts
-read for an idle block is measured at import; where a holder would read the same, there is no cache. Small
-tensors, other devices and traced code use ``torch.empty``.
+fault and a zeroing for every 4 KiB it writes - at 16x4x256x256 more time than the step itself.
+
+fastdiff's CPU steps and noise draws take their outputs from here instead. Per shape and dtype up to
+``BLOCKS_PER_SIZE`` blocks are kept (when all are held, the longest-held is forgotten: its holder keeps
+it), and a block is handed out again only once nothing holds it: no tensor or view (its storage's
+reference count is the cache's own) and no Python object of its storage (torch keeps one per storage,
+which someone may hold: Python's reference count tells). So a returned tensor is never written behind its
+holder's back, whether kept by the user, a view, a numpy array or autograd. What the two counts read for
+an idle block is measured at import; where a holder would read the same, there is no cache. Small tensors,
+other devices and traced code use ``torch.empty``.
 
 ``empty_cache()`` gives the idle blocks back; ``set_limit(mb)`` bounds what the cache holds (default
 ``FASTDIFF_CPU_CACHE_MB`` or 512; 0 turns it off).
@@ -27,7 +29,7 @@ import threading
 import torch
 
 MIN_BYTES = 1 << 20     # below, finding a block (~2.5 us) gains as much as it costs (1x4x64x64: +-5%)
-BLOCKS_PER_SIZE = 4     # a step's outputs and noise, and the sample the caller still holds
+BLOCKS_PER_SIZE = 8     # a step's outputs and noise, the last step's that the caller still holds, history
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)  # absent: no cache
 _lock = threading.Lock()
@@ -128,7 +130,10 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
             return t
         if blocks is None:
             blocks = _blocks[key] = []
-        if len(blocks) < BLOCKS_PER_SIZE and _held + nbytes <= _limit:
+        if len(blocks) == BLOCKS_PER_SIZE:  # every one held: the longest-held is someone's for good, forget it
+            del blocks[0]
+            _held -= nbytes
+        if _held + nbytes <= _limit:
             blocks.append(t.detach())
             _held += nbytes
         return t

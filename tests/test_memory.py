@@ -17,11 +17,12 @@ BIG = (4, 4, 128, 128)  # 1 MiB of float32
 
 
 @pytest.fixture(autouse=True)
-def fresh_cache():
-    memory.empty_cache()
-    yield
-    memory.set_limit(512)
-    memory.empty_cache()
+def own_cache(monkeypatch):
+    """Each test on an empty cache of its own (blocks that earlier tests' objects still hold stay out of it);
+    the process's cache comes back afterwards."""
+    monkeypatch.setattr(memory, "_blocks", {})
+    monkeypatch.setattr(memory, "_held", 0)
+    monkeypatch.setattr(memory, "_limit", 512 << 20)
 
 
 def ptr(t: torch.Tensor) -> int:
@@ -94,6 +95,20 @@ def test_drop_in_loop_reuses_blocks_and_its_samples_are_distinct():
         seen.add(ptr(x))
     assert len(seen) <= memory.BLOCKS_PER_SIZE
     assert memory.cached_bytes() - before <= memory.BLOCKS_PER_SIZE * x.numel() * 4
+
+
+def test_blocks_held_for_good_are_forgotten():
+    """A shape whose blocks are all held elsewhere (a long-lived history buffer) still gets cached blocks:
+    the longest-held ones drop out of the cache (their holders keep them), new ones take their place."""
+    held = [memory.empty(BIG, torch.float32).fill_(i) for i in range(memory.BLOCKS_PER_SIZE)]
+    x = memory.empty(BIG, torch.float32)
+    px = ptr(x)
+    del x
+    y = memory.empty(BIG, torch.float32)
+    assert ptr(y) == px
+    y.fill_(-1.0)
+    assert memory.cached_bytes() == memory.BLOCKS_PER_SIZE * y.numel() * 4
+    assert all(torch.all(h == i) for i, h in enumerate(held))  # forgotten, never handed out again
 
 
 def test_small_tensors_and_other_devices_bypass_the_cache():
