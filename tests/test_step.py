@@ -65,6 +65,23 @@ def test_zero_weights_do_not_read_their_input(device, backend):
     assert o2.cpu().tolist() == [[0.0, 0.0, 0.0, 0.0]]
 
 
+@pytest.mark.parametrize("repeat", [1, 16], ids=["row4", "row64"])
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_one_output_with_x0_skips_what_each_sum_does_not_read(device, backend, repeat):
+    """One output that reads x0, as a DDIM-type step: x enters x0 only and e the output only, both holding
+    inf; neither may reach the sum it has no weight in (0*inf is NaN). Rows of 4 take the per-element path,
+    rows of 64 the vector loops (the CPU's one-output loop with its masks)."""
+    require_backend(backend, device)
+    inf = float("inf")
+    x = torch.tensor([[1.0, inf, -inf, 2.0] * repeat], device=device)
+    e = torch.tensor([[0.5, 0.25, inf, -0.5] * repeat], device=device)
+    coef = torch.zeros(1, L.NUM_COEF, device=device)
+    coef[0, L.AS], coef[0, L.AX], coef[0, L.R] = 1.0, 1.0, 3.0            # x0 = clamp(x, -3, 3)
+    coef[0, L.out(0, L.CX0)], coef[0, L.out(0, L.CE0)] = 2.0, 1.0         # out = 2*x0 + e
+    (o,) = ops.step(coef, x, [e], clamp=True, backend=backend)
+    assert o.cpu().tolist() == [[2.5, 6.25, inf, 3.5] * repeat]
+
+
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_nan_semantics_are_the_same_everywhere(device, backend):
     """A NaN input stays NaN through the clamp (clamp(NaN) is NaN, as torch.clamp), on every backend; the
