@@ -163,3 +163,29 @@ def test_numpy_view_of_reused_block_is_independent():
     b = memory.empty(BIG, torch.float32)
     b.fill_(5.0)
     assert np.all(arr == 3.0)
+
+
+def test_pipeline_with_cached_latents_gives_diffusers_latents():
+    """A real diffusers pipeline whose latents (256x4x16x16, 1 MiB) the cache serves - the drop-in's samples,
+    data predictions and step noise - as users run one: the same final latents as with diffusers' scheduler,
+    and blocks were reused (the pipeline's loop drops its old latents every step)."""
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from conftest import assert_close
+    from tiny_pipelines import GUIDANCE, SD_CONFIG, tiny_sd
+
+    pipe, kw = tiny_sd()
+
+    def run():
+        with torch.no_grad():
+            return pipe(**kw, num_inference_steps=2, guidance_scale=GUIDANCE, height=16, width=16,
+                        num_images_per_prompt=128, output_type="latent",
+                        generator=torch.Generator().manual_seed(2)).images
+
+    pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler(**SD_CONFIG)
+    want = run()
+    pipe.scheduler = FastEulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    got = run()
+    assert got.shape == (256, 4, 16, 16) and torch.isfinite(got).all()
+    assert_close(got, want, atol=2e-5, rtol=1e-4, what="EulerAncestral, cached latents")
+    assert memory._blocks.get(((256, 4, 16, 16), torch.float32))  # the cache served this shape
