@@ -33,7 +33,7 @@ BLOCKS_PER_SIZE = 8     # a step's outputs and noise, the last step's that the c
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)  # absent: no cache
 _lock = threading.Lock()
-_blocks: dict[tuple, list[torch.Tensor]] = {}  # per (shape, dtype): a tensor over each block, the cache's own
+_blocks: dict[tuple, list[torch.Tensor]] = {}  # (shape, dtype, inference mode): a tensor over each block
 _held = 0               # bytes in _blocks
 _limit = 0
 
@@ -113,7 +113,7 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < MIN_BYTES or _limit == 0 or _IDLE is None:
         return torch.empty(shape, dtype=dtype)
-    key = (tuple(shape), dtype)
+    key = (tuple(shape), dtype, torch.is_inference_mode_enabled())  # inference tensors only where they may be
     with _lock:
         blocks = _blocks.get(key)
         if blocks:

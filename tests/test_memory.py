@@ -111,6 +111,25 @@ def test_blocks_held_for_good_are_forgotten():
     assert all(torch.all(h == i) for i, h in enumerate(held))  # forgotten, never handed out again
 
 
+def test_inference_mode_blocks_stay_in_inference_mode():
+    """A block made under torch.inference_mode is an inference tensor: handed out outside it, autograd and
+    in-place updates would refuse it. So blocks are kept apart by mode, and each mode gets its own kind."""
+    with torch.inference_mode():
+        a = memory.empty(BIG, torch.float32)
+        assert a.is_inference()
+        pa = ptr(a)
+        del a
+    b = memory.empty(BIG, torch.float32)
+    assert not b.is_inference() and ptr(b) != pa
+    b.add_(1.0)
+    w = torch.ones(BIG, requires_grad=True)
+    (w * b).sum().backward()  # b may be saved for backward
+    assert torch.all(w.grad == b)
+    with torch.inference_mode():
+        c = memory.empty(BIG, torch.float32)
+        assert c.is_inference() and ptr(c) == pa  # the inference block again
+
+
 def test_small_tensors_and_other_devices_bypass_the_cache():
     small = memory.empty((10, 10), torch.float32)
     assert small.shape == (10, 10) and memory.cached_bytes() == 0
@@ -188,4 +207,4 @@ def test_pipeline_with_cached_latents_gives_diffusers_latents():
     got = run()
     assert got.shape == (256, 4, 16, 16) and torch.isfinite(got).all()
     assert_close(got, want, atol=2e-5, rtol=1e-4, what="EulerAncestral, cached latents")
-    assert memory._blocks.get(((256, 4, 16, 16), torch.float32))  # the cache served this shape
+    assert memory._blocks.get(((256, 4, 16, 16), torch.float32, False))  # the cache served this shape
