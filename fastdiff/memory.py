@@ -111,7 +111,7 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     dtype where there is one (a new alias of it, ``detach()``: no view, its own autograd state)."""
     global _held
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < MIN_BYTES or _limit == 0 or _IDLE is None:
+    if nbytes < MIN_BYTES or _limit == 0 or _IDLE is None or torch.compiler.is_compiling():
         return torch.empty(shape, dtype=dtype)
     key = (tuple(shape), dtype, torch.is_inference_mode_enabled())  # inference tensors only where they may be
     with _lock:
@@ -126,8 +126,6 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
                     _held -= nbytes
                     break
         t = torch.empty(shape, dtype=dtype)
-        if torch.compiler.is_compiling():
-            return t
         if blocks is None:
             blocks = _blocks[key] = []
         if len(blocks) == BLOCKS_PER_SIZE:  # every one held: the longest-held is someone's for good, forget it
