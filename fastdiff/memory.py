@@ -39,7 +39,8 @@ _limit = 0
 
 
 def set_limit(mb: float) -> None:
-    """Keep at most `mb` MiB of blocks (0: no cache; blocks held beyond it are let go once idle)."""
+    """Keep at most `mb` MiB of blocks (0: no cache). Idle blocks beyond it are let go now; blocks in use
+    beyond it stay the cache's until a later ``empty_cache()`` finds them idle."""
     global _limit
     if not isinstance(mb, (int, float)) or isinstance(mb, bool) or not mb >= 0:
         raise ValueError(f"mb: expected a number of MiB >= 0, got {mb!r}")
@@ -69,36 +70,36 @@ def cached_bytes() -> int:
     return _held
 
 
-def _counts(block: torch.Tensor) -> tuple[int, int]:
+def _state(block: torch.Tensor) -> tuple[tuple[int, int], torch.UntypedStorage]:
+    """(the storage's use count, its Python object's refcount) of `block`, and that storage object (the one
+    torch keeps for the storage: made now, or the one someone holds)."""
     storage = block.untyped_storage()
-    return _use_count(storage._cdata), sys.getrefcount(storage)
+    return (_use_count(storage._cdata), sys.getrefcount(storage)), storage
 
 
 def _idle(block: torch.Tensor):
     """The storage of `block` when only the cache holds it, else None."""
-    storage = block.untyped_storage()  # the storage's one Python object (made now, or the one someone holds)
-    if (_use_count(storage._cdata), sys.getrefcount(storage)) == _IDLE:  # counted as _counts counts
-        return storage
-    return None
+    counts, storage = _state(block)
+    return storage if counts == _IDLE else None
 
 
 def _calibrate():
-    """What _counts gives for a block only the cache holds, on this torch and Python; None (no cache) if a
+    """What _state counts for a block only the cache holds, on this torch and Python; None (no cache) if a
     block held by a tensor, a view or its storage's Python object would count the same."""
     if _use_count is None:
         return None
     t = torch.empty(16)
     block = t.detach()
-    by_tensor = _counts(block)
+    by_tensor = _state(block)[0]
     del t
-    idle = _counts(block)
+    idle = _state(block)[0]
     storage = block.untyped_storage()
-    by_storage = _counts(block)
+    by_storage = _state(block)[0]
     del storage
     view = torch.empty(0).set_(block.untyped_storage(), 0, (16,))[1:]
-    by_view = _counts(block)
+    by_view = _state(block)[0]
     del view
-    if idle in (by_tensor, by_storage, by_view) or _counts(block) != idle:
+    if idle in (by_tensor, by_storage, by_view) or _state(block)[0] != idle:
         return None
     return idle
 
@@ -106,10 +107,12 @@ def _calibrate():
 _IDLE = _calibrate()
 
 
-def empty(shape, dtype: torch.dtype) -> torch.Tensor:
-    """``torch.empty(shape, dtype=dtype)`` on the CPU, contiguous: an idle cached block of that shape and
-    dtype where there is one (a new alias of it, ``detach()``: no view, its own autograd state)."""
+def empty(shape, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+    """``torch.empty(shape, dtype=dtype, device=device)``, contiguous: on the CPU an idle cached block of that
+    shape and dtype where there is one (a new alias of it, ``detach()``: no view, its own autograd state)."""
     global _held
+    if device is not None and device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < MIN_BYTES or _limit == 0 or _IDLE is None or torch.compiler.is_compiling():
         return torch.empty(shape, dtype=dtype)
@@ -139,9 +142,7 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
 
 def empty_like(x: torch.Tensor) -> torch.Tensor:
     """A contiguous ``torch.empty_like(x)``: from the cache for a CPU tensor."""
-    if x.device.type != "cpu":
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return empty(x.shape, x.dtype)
+    return empty(x.shape, x.dtype, x.device)
 
 
 def _env_limit() -> float:

@@ -235,8 +235,7 @@ def _execute(a: StepArgs, out: Sequence[torch.Tensor] | None, backend: str | Non
             o.copy_(r)
         return tuple(out)
     if out is None:
-        outs = tuple(torch.empty(a.shape, dtype=a.dtype, device=a.device) if a.device.type != "cpu"
-                     else memory.empty(a.shape, a.dtype) for _ in range(a.n_out))
+        outs = tuple(memory.empty(a.shape, a.dtype, a.device) for _ in range(a.n_out))
         run(a, outs, backend)
         return outs
     out = check_out(a, out)
