@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from fastdiff import memory
-from fastdiff.ops.step import step_positional
+from fastdiff.backends import forced_backend
+from fastdiff.ops.step import kind_call, step_positional
 from fastdiff.philox import DOMAIN_STEP
 from fastdiff.plan import Plan
 
@@ -40,6 +41,7 @@ class Stepper:
     def __init__(self, plan: Plan, *, backend: str | None = None):
         self.plan, self.backend = plan, backend
         self._checked: dict = {}
+        self._lanes: dict = {}
         self.reset()
 
     def reset(self, index: int = 0) -> None:
@@ -105,6 +107,17 @@ class Stepper:
             tables: ``offset``, ``component``, ``delta_table``, ``var_table`` when the plan reads them.
         """
         plan = self.plan if plan is None else plan
+        lane_key = None
+        if (row is None or type(row) is int) and rows is None and out is None and m is None and advance \
+                and noise_step is None and not tables and not torch.compiler.is_compiling():  # a step of a run
+            e = e if type(e) is list else list(e) if isinstance(e, tuple) else [e]
+            lane_key = (id(plan), len(e), e_uncond is not None, noise is not None, seeds is not None,
+                        len(self._history), self._x_last is not None)
+            lane = self._lanes.get(lane_key)
+            if lane is not None:
+                results = self._run_lane(lane, plan, x, e, e_uncond, noise, seeds, row)
+                if results is not None:
+                    return results
         if tables and not _TABLES.issuperset(tables):
             raise TypeError(f"step() got unexpected arguments {sorted(set(tables) - _TABLES)}; tables are "
                             f"{sorted(_TABLES)}")
@@ -141,15 +154,7 @@ class Stepper:
                              f"{r}") + "; pass noise (a tensor like x) or seeds ([B] int64)")
         outs = None
         if out is not None or plan.keeps:
-            like = ref if ref is not None else torch.empty(shape, dtype=dtype, device=device)
-            outs = [out if out is not None else memory.empty_like(like)]
-            for role in plan.outputs[1:]:
-                if role == "history":
-                    outs.append(self._buffer(self._spare, like))
-                elif role == "x_last":
-                    outs.append(self._buffer(self._x_last_spare, like))
-                else:
-                    outs.append(memory.empty_like(like))
+            outs = self._outs(plan, ref if ref is not None else torch.empty(shape, dtype=dtype, device=device), out)
         offset, component, delta_table, var_table = (tables.get(k) for k in _TABLE_ORDER) if tables else _NO_TABLES
         results = step_positional(
             coef, x, e, e_uncond, self._history if m is None else list(m), self._x_last, r, rows, offset, component,
@@ -157,6 +162,24 @@ class Stepper:
             plan.clamp, len(plan.outputs), shape, outs, self.backend)
         if not advance:
             return results
+        if lane_key is not None and x is not None and not plan.per_sample:
+            self._add_lane(lane_key, plan, coef, e, e_uncond, noise, seeds)
+        return self._advance(plan, results)
+
+    def _outs(self, plan: Plan, like: torch.Tensor, out: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The outputs of a step: output 0 (`out`, or new), the kept ones in the ring's spare buffers."""
+        outs = [out if out is not None else memory.empty_like(like)]
+        for role in plan.outputs[1:]:
+            if role == "history":
+                outs.append(self._buffer(self._spare, like))
+            elif role == "x_last":
+                outs.append(self._buffer(self._x_last_spare, like))
+            else:
+                outs.append(memory.empty_like(like))
+        return outs
+
+    def _advance(self, plan: Plan, results: tuple) -> tuple:
+        """The step is taken: its kept outputs enter the history ring / x_last, the index moves on."""
         if plan.keeps:
             for role, t in zip(plan.outputs[1:], results[1:]):
                 if role == "history":
@@ -167,3 +190,31 @@ class Stepper:
                     self._x_last_spare, self._x_last = self._x_last, t
         self.index += 1
         return results
+
+    # ---------------------------------------------------------------------------------------- lanes
+    # A lane is the shortest way through a kind of step of a run - the plan, which inputs come, the ring's
+    # fill - once a step of that kind went the checked way: the native call generated for the kind
+    # (ops.step.kind_call), which checks the tensors itself, with the plan's table on the inputs' device.
+    # What the checked way checks per step stays: the row exists, its history slots are there, noise comes
+    # where it draws noise, the backend is the one the kind was made for. Anything else takes the checked way.
+
+    def _add_lane(self, key: tuple, plan: Plan, coef, e, e_uncond, noise, seeds) -> None:
+        backend = self.backend or forced_backend()
+        call = kind_call(coef, e, e_uncond, self._history, self._x_last, noise, seeds, plan.clamp,
+                         len(plan.outputs), backend)
+        if call is not None:
+            if len(self._lanes) >= 64:
+                self._lanes.clear()
+            self._lanes[key] = (plan, call, coef, backend)  # the plan kept alive with its key: its id stays its own
+
+    def _run_lane(self, lane: tuple, plan: Plan, x, e: list, e_uncond, noise, seeds, row) -> tuple | None:
+        lane_plan, call, coef, backend = lane
+        r = self.index if row is None else row
+        if (lane_plan is not plan or not -plan.steps <= r < plan.steps or plan.history_reads[r] > len(self._history)
+                or (noise is None and seeds is None and plan.noise_rows[r])
+                or backend != (self.backend or forced_backend())):
+            return None
+        outs = self._outs(plan, x) if plan.keeps else None
+        results = call(coef, x, e, e_uncond, self._history, self._x_last, r, noise, seeds, self.index, DOMAIN_STEP,
+                       outs, None, None, None, None, None, torch.is_grad_enabled())
+        return None if results is None else self._advance(plan, results)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import DEVICES, assert_close, require_backend
 
+from fastdiff import layout as L
 from fastdiff import philox, schedules
 from fastdiff.loop import CapturedSampler, sample
 from fastdiff.plan import Plan
@@ -194,3 +195,112 @@ def test_rows_past_the_end_and_rows_without_noise():
     assert torch.equal(stepper.step(x)[0], x)  # row 2: no noise needed
     with pytest.raises(ValueError, match="step 3 is past the end of the plan \\(3 steps, from the step index\\)"):
         stepper.step(x)
+
+
+def counting_validate(monkeypatch) -> list:
+    """Count the checked calls (``validate``): a step that takes its lane - the generated call of its kind
+    - is not one of them."""
+    import sys
+
+    step_module = sys.modules["fastdiff.ops.step"]
+    calls, validate = [], step_module.validate
+
+    def counted(*args, **kw):
+        calls.append(1)
+        return validate(*args, **kw)
+
+    monkeypatch.setattr(step_module, "validate", counted)
+    return calls
+
+
+def test_lanes_take_the_steps_of_a_run_and_leave_every_change_to_the_checked_way(monkeypatch):
+    """A run's steps after the first few skip the checks (the lane of their kind), each equal to the
+    hand-written recurrence; then every change between steps is seen - checked again, or refused by name -
+    and computed as asked: the plan's table refilled, float64 inputs (refused: the ring is float32), an
+    input requiring grad, a non-contiguous input, another backend, FASTDIFF_BACKEND, a wrong shape."""
+    require_backend("cpu")
+    calls = counting_validate(monkeypatch)
+    steps = 14
+    plan = adams_plan(steps)
+    g = torch.Generator().manual_seed(0)
+    es = [torch.randn(2, 40, generator=g) for _ in range(steps)]
+    x = want = torch.randn(2, 40, generator=g)
+    stepper = Stepper(plan, backend="cpu")
+    half = 1.0  # the refilled table halves every weight of output 0 but x's
+
+    def advance(s, x, e):
+        nonlocal want
+        want = want + half * (0.5 * es[s] + (0.25 * es[s - 1] if s >= 1 else 0)
+                              + (0.125 * es[s - 2] if s >= 2 else 0))
+        return stepper.step(x, e)
+
+    def checked(s, x, e) -> tuple:
+        before = len(calls)
+        out = advance(s, x, e)
+        return out, len(calls) - before
+
+    for s in range(5):  # warm-up rows (no history, one slot, two) and the kind validated twice
+        (x, _), n = checked(s, x, es[s])
+    for s in range(5, 7):
+        (x, _), n = checked(s, x, es[s])
+        assert n == 0, f"step {s} was checked: no lane"
+        assert_close(x, want, atol=1e-5, rtol=1e-5, what=f"step {s}")
+    table = plan.table.copy()
+    table[:, L.out(0, L.CX0)] *= 0.5
+    table[:, L.out(0, L.CM0)] *= 0.5
+    table[:, L.out(0, L.CM1)] *= 0.5
+    plan.refill(table)
+    half = 0.5
+    (x, _), n = checked(7, x, es[7])
+    assert n == 1, "a refilled table was not checked again"
+    assert_close(x, want, atol=1e-5, rtol=1e-5, what="after refill")
+    with pytest.raises(TypeError, match="m\\[0\\] must have dtype torch.float64, got torch.float32"):
+        stepper.step(x.double(), es[8].double())  # float64 inputs, the ring float32
+    (x, _), n = checked(8, x, es[8])
+    leaf = x.clone().requires_grad_()
+    (y, _), n = checked(9, leaf, es[9])
+    assert n == 1 and y.grad_fn is not None
+    y.sum().backward()
+    assert torch.equal(leaf.grad, torch.ones_like(leaf))  # d x_next / d x = 1 in this plan
+    x = y.detach()
+    wide = torch.empty(2, 80)
+    wide[:, ::2] = es[10]
+    (x, _), n = checked(10, x, wide[:, ::2])
+    assert n == 1
+    assert_close(x, want, atol=1e-5, rtol=1e-5, what="non-contiguous e")
+    stepper.backend = "torch"
+    (x, _), n = checked(11, x, es[11])
+    assert n == 1, "another backend took the lane of the cpu one"
+    stepper.backend = "cpu"
+    monkeypatch.setenv("FASTDIFF_BACKEND", "torch")
+    stepper.backend = None
+    (x, _), n = checked(12, x, es[12])
+    assert n == 1, "FASTDIFF_BACKEND did not take the checked way"
+    monkeypatch.delenv("FASTDIFF_BACKEND")
+    assert_close(x, want, atol=1e-5, rtol=1e-5, what="after the backend changes")
+    with pytest.raises(ValueError, match="e"):
+        stepper.step(x, es[13][:, :20])
+    assert stepper.index == 13
+
+
+def test_lanes_refuse_what_the_checked_way_refuses():
+    """Past the end of the plan, a row that draws noise without noise: the same errors as the checked way,
+    after steps that went by the lane; per-sample rows named by the caller take a lane of their own."""
+    require_backend("cpu")
+    plan = kit.plan("noisy late", outputs={"x": X + np.array([0.0, 0.0, 0.0, 0.5]) * Z})
+    stepper, x = Stepper(plan, backend="cpu"), torch.ones(2, 40)
+    for _ in range(3):
+        x = stepper.step(x)[0]
+    assert torch.equal(x, torch.ones(2, 40))
+    with pytest.raises(ValueError, match="noise: noisy late draws noise at step 3; pass noise"):
+        stepper.step(x)
+    noise = torch.full((2, 40), 2.0)
+    assert torch.equal(stepper.step(x, noise=noise)[0], torch.full((2, 40), 2.0))
+    with pytest.raises(ValueError, match="past the end of the plan"):
+        stepper.step(x, noise=noise)
+    stepper.reset(0)
+    for r in (3, 3, 3, 1):  # rows named by the caller (a table indexed by timestep): the lane runs them too
+        (y,) = stepper.step(x, noise=noise, row=r)
+        assert torch.equal(y, x + (0.5 if r == 3 else 0.0) * noise)
+    with pytest.raises(ValueError, match=r"step 4 is past the end of the plan \(4 steps\)"):
+        stepper.step(x, noise=noise, row=4)

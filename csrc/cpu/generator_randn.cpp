@@ -31,7 +31,7 @@ namespace cpu {
 namespace {
 
 constexpr int kN = 624, kM = 397;                  // MT19937's state words and its middle word
-constexpr int64_t kParallelMin = 32768;            // elements below which one thread makes the normals
+constexpr int64_t kParallelMin = 8192;             // elements below which one thread makes the normals
 constexpr int64_t kTask = 4096;                    // elements per task (a multiple of 16)
 constexpr size_t kLeftAt = 8, kNextAt = 16, kWordsAt = 24, kStateBytes = kWordsAt + 8 * kN;
 

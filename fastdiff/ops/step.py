@@ -21,18 +21,17 @@ from fastdiff.backends import forced_backend
 from fastdiff.ops.common import DTYPE_CODE, native_step, needs_reference
 from fastdiff.ops.step_args import StepArgs, check_out, validate
 
-__all__ = ["StepArgs", "native_args", "reference_outputs", "run", "step", "step_positional", "validate"]
+__all__ = ["StepArgs", "kind_call", "native_args", "reference_outputs", "run", "step", "step_positional", "validate"]
 
 
 class _Signature:
     """What one kind of call fixes, found valid by ``validate`` once: its plan table (at that version),
     the inputs' size, dtype and device, which terms come (``flags``), the shapes of the per-sample
-    vectors and tables, and the backend's launcher. Later calls of the kind check only their tensors
-    against it; ``pack`` (generated for the kind, by field name) then builds the native parameters with
-    everything else baked in."""
+    vectors and tables, and the backend's launcher. ``call`` (generated for the kind) then checks a later
+    call's tensors against it and launches, with everything else baked in."""
 
     __slots__ = ("coef", "version", "rows", "flags", "size", "dtype", "device", "rows_len", "tables", "table_rows",
-                 "pack", "launch", "pooled")
+                 "pooled", "call")
 
     def __init__(self, a: StepArgs, backend: str, flags: tuple):
         self.coef, self.version, self.rows = weakref.ref(a.coef), a.coef._version, a.coef.shape[0]
@@ -41,15 +40,11 @@ class _Signature:
         self.rows_len = None if a.rows is None else a.rows.shape[0]
         self.tables = tuple(None if t is None else t.shape for t in (a.delta_table, a.var_table))
         self.table_rows = next((shape[0] for shape in self.tables if shape is not None), None)  # K
-        self.pack = self.launch = None
+        self.call = None
         if backend in ("cpu", "cuda") and a.batch and a.numel:
-            self.pack = _make_pack(native_args(a, [None] * a.n_out), a)
-            self.launch = backends.native()[0].step_cpu if backend == "cpu" else \
+            launch = backends.native()[0].step_cpu if backend == "cpu" else \
                 (lambda args, device=a.device: native_step(args, device))
-
-    def matches(self, coef, x, row: int, flags: tuple) -> bool:
-        return (self.coef() is coef and self.version == coef._version and -self.rows <= row < self.rows
-                and flags == self.flags and x.shape == self.size and x.dtype == self.dtype and x.device == self.device)
+            self.call = _make_call(self, native_args(a, [None] * a.n_out), a, launch)
 
     def vectors_match(self, rows, offset, component, delta_table, var_table) -> bool:
         """Whether the per-sample vectors and the tables (those the flags say come) have this kind's shapes,
@@ -79,25 +74,54 @@ def any_outside(values: list, lo: int, hi: int) -> bool:
     return bool(values) and (min(values) < lo or max(values) >= hi)
 
 
-def _make_pack(template: tuple, a: StepArgs):
-    """``pack(x, e, eu, m, x_last, noise, seeds, row, noise_step, noise_domain, out, rows, offset, component,
-    delta_table, var_table)`` -> the native parameters of a call like `a`: the per-call fields read off the
-    arguments by name, the rest the template's."""
-    per_call = {"x": "x.data_ptr()", "row": "row", "noise_step": "noise_step & 0xFFFFFFFF",
-                "noise_domain": "noise_domain & 0xFFFFFFFF"}
-    per_call.update({f"e{i}": f"e[{i}].data_ptr()" for i in range(len(a.e))})
-    per_call.update({f"eu{i}": f"eu[{i}].data_ptr()" for i in range(len(a.e_uncond or ()))})
-    per_call.update({f"m{i}": f"m[{i}].data_ptr()" for i in range(len(a.m))})
-    per_call.update({f"out{k}": f"out[{k}].data_ptr()" for k in range(a.n_out)})
-    for name in ("x_last", "noise", "seeds", "rows", "offset", "component", "delta_table", "var_table"):
+def _make_call(sig: _Signature, template: tuple, a: StepArgs, launch):
+    """``call(coef, x, e, eu, m, x_last, row, noise, seeds, noise_step, noise_domain, out, rows, offset,
+    component, delta_table, var_table, grad)`` for calls of `sig`'s kind (the caller found the kind by its
+    flags: which inputs come and how many): the outputs, or None where a tensor differs from the kind (the
+    caller then validates). The checks and the native parameters are written out for exactly the tensors
+    the kind has - each a contiguous tensor of the kind's size, dtype and device, none requiring grad
+    when `grad` - with everything else the template's: at small sizes the Python around a launch is most
+    of a step, and this is its shortest form."""
+    batch_like = ["x"] + [f"e{i}" for i in range(len(a.e))] + [f"eu{i}" for i in range(len(a.e_uncond or ()))]
+    batch_like += [f"m{i}" for i in range(len(a.m))]
+    batch_like += [n for n in ("x_last", "noise") if getattr(a, n) is not None]
+    lines = ["if coef is not ref() or coef._version != version or not -R <= row < R:", "    return None"]
+    if a.e:
+        lines.append(f"{''.join(f'e{i}, ' for i in range(len(a.e)))}= e")
+    if a.e_uncond:
+        lines += ["if type(eu) not in (list, tuple) or len(eu) != len(e):", "    return None",
+                  f"{''.join(f'eu{i}, ' for i in range(len(a.e_uncond)))}= eu"]
+    if a.m:
+        lines.append(f"{''.join(f'm{i}, ' for i in range(len(a.m)))}= m")
+    for n in batch_like:
+        lines += [f"if type({n}) is not T or {n}.shape != size or {n}.dtype != dtype or {n}.device != device "
+                  f"or not {n}.is_contiguous():", "    return None"]
+    if batch_like:
+        lines += [f"if grad and ({' or '.join(f'{n}.requires_grad' for n in batch_like)}):", "    return None"]
+    if a.seeds is not None:
+        lines += ["if type(seeds) is not T or seeds.shape != B or seeds.dtype != int64 or seeds.device != device "
+                  "or not seeds.is_contiguous():", "    return None"]
+    if any(t is not None for t in (a.rows, a.offset, a.component, a.delta_table, a.var_table)):
+        lines += ["if not sig.vectors_match(rows, offset, component, delta_table, var_table):", "    return None"]
+    outs = [f"out{k}" for k in range(a.n_out)]
+    new = "empty(size, dtype)" if sig.pooled else "empty_like(x)"
+    lines += ["if out is None:", f"    {', '.join(outs)} = {', '.join([new] * a.n_out)}",
+              f"elif not plain_out(out, {a.n_out}, x, ({''.join(f'{n}, ' for n in batch_like)})):",
+              "    return None", "else:", f"    {''.join(f'{o}, ' for o in outs)}= out"]
+    per_call = {n: f"{n}.data_ptr()" for n in batch_like + outs}
+    per_call.update(row="row", noise_step="noise_step & 0xFFFFFFFF", noise_domain="noise_domain & 0xFFFFFFFF")
+    for name in ("seeds", "rows", "offset", "component", "delta_table", "var_table"):
         if getattr(a, name) is not None:
             per_call[name] = f"{name}.data_ptr()"
     fields = ", ".join(per_call.get(f, repr(v)) for f, v in zip(L.STEP_FIELDS, template))
-    src = ("def pack(x, e, eu, m, x_last, noise, seeds, row, noise_step, noise_domain, out, rows, offset, component,"
-           f" delta_table, var_table):\n    return ({fields},)\n")
-    scope: dict = {}
-    exec(compile(src, "<fastdiff step pack>", "exec"), scope)
-    return scope["pack"]
+    lines += [f"launch(({fields},))", f"return ({''.join(f'{o}, ' for o in outs)})"]
+    src = ("def call(coef, x, e, eu, m, x_last, row, noise, seeds, noise_step, noise_domain, out, rows, offset, "
+           "component, delta_table, var_table, grad):\n" + "".join(f"    {line}\n" for line in lines))
+    scope = dict(ref=sig.coef, version=sig.version, R=sig.rows, T=torch.Tensor, size=sig.size, dtype=sig.dtype,
+                 device=sig.device, B=sig.size[:1], int64=torch.int64, sig=sig, plain_out=_plain_out,
+                 empty=memory.empty, empty_like=torch.empty_like, launch=launch)
+    exec(compile(src, "<fastdiff step call>", "exec"), scope)
+    return scope["call"]
 
 
 # (id(plan table), flags) -> the signature of the last plain call of that kind (calls that alternate between
@@ -144,20 +168,6 @@ def _plain_out(out, n_out: int, x: torch.Tensor, inputs) -> bool:
                 return False
         starts.append(lo)
     return True
-
-
-def _run_signature(sig: _Signature, x, e, eu, m, x_last, row, noise, seeds, noise_step, noise_domain, out, n_out,
-                   rows, offset, component, delta_table, var_table):
-    """A call of a known kind: outputs allocated (or the checked `out`), then one native launch."""
-    if out is None:
-        if sig.pooled:  # CPU outputs of a MiB or more: reused host blocks (fastdiff.memory)
-            out = tuple(memory.empty(sig.size, sig.dtype) for _ in range(n_out))
-        else:
-            out = (torch.empty_like(x),) if n_out == 1 else (torch.empty_like(x), torch.empty_like(x)) \
-                if n_out == 2 else (torch.empty_like(x), torch.empty_like(x), torch.empty_like(x))
-    sig.launch(sig.pack(x, e, eu, m, x_last, noise, seeds, row, noise_step, noise_domain, out, rows, offset, component,
-                        delta_table, var_table))
-    return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------------- backends
@@ -357,6 +367,19 @@ def step(
                            noise_domain, clamp, n_out, shape, out, backend)
 
 
+def _flags(e: list, e_uncond, m: list, x_last, noise, seeds, clamp, n_out: int, backend, vectors) -> tuple:
+    """What a kind of call is, besides its plan table: which inputs come, how many, and the backend."""
+    return (len(e), len(m), x_last is not None, noise is not None, seeds is not None, bool(clamp), n_out,
+            backend or forced_backend(), e_uncond is not None, vectors)
+
+
+def kind_call(coef, e: list, e_uncond, m: list, x_last, noise, seeds, clamp, n_out: int, backend):
+    """The generated ``call`` of plain calls of this kind with no per-sample vectors (see ``_make_call``), or
+    None until such a call was validated twice: ``fastdiff.stepper`` keeps it for the steps of a run."""
+    sig = _SIGNATURES.get((id(coef), _flags(e, e_uncond, m, x_last, noise, seeds, clamp, n_out, backend, None)))
+    return None if sig is None else sig.call
+
+
 def step_positional(coef, x, e: list, e_uncond, m: list, x_last, row, rows, offset, component, delta_table,
                     var_table, noise, seeds, noise_step, noise_domain, clamp, n_out, shape, out, backend):
     """``step`` with every argument in order, e and m as lists: what ``fastdiff.stepper`` calls every step
@@ -368,15 +391,13 @@ def step_positional(coef, x, e: list, e_uncond, m: list, x_last, row, rows, offs
         vectors = (None if rows is None and offset is None and component is None and delta_table is None
                    and var_table is None else (rows is not None, offset is not None, component is not None,
                                                delta_table is not None, var_table is not None))
-        flags = (len(e), len(m), x_last is not None, noise is not None, seeds is not None, bool(clamp), n_out,
-                 backend or forced_backend(), e_uncond is not None, vectors)
+        flags = _flags(e, e_uncond, m, x_last, noise, seeds, clamp, n_out, backend, vectors)
         sig = _SIGNATURES.get((id(coef), flags))
-        if (sig is not None and sig.pack is not None and type(x) is torch.Tensor and sig.matches(coef, x, row, flags)
-                and _plain_inputs(x, e, e_uncond, m, x_last, noise, seeds, grad)
-                and (vectors is None or sig.vectors_match(rows, offset, component, delta_table, var_table))
-                and (out is None or _plain_out(out, n_out, x, (*e, *(e_uncond or ()), *m, x_last, noise)))):
-            return _run_signature(sig, x, e, e_uncond, m, x_last, row, noise, seeds, noise_step, noise_domain, out,
-                                  n_out, rows, offset, component, delta_table, var_table)
+        if sig is not None and sig.call is not None:
+            result = sig.call(coef, x, e, e_uncond, m, x_last, row, noise, seeds, noise_step, noise_domain, out, rows,
+                              offset, component, delta_table, var_table, grad)
+            if result is not None:
+                return result
     if torch.compiler.is_compiling():
         grads = [x, *e, *(e_uncond or ()), *m, x_last, noise]
         if not needs_reference(getattr(x, "dtype", torch.float32), grads):
