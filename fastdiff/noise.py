@@ -84,11 +84,15 @@ def randn(*size, generator=None, dtype=None, device=None, layout=None) -> torch.
 
 
 def randn_like(x: torch.Tensor, generator=None) -> torch.Tensor:
-    """``torch.randn_like(x)`` (drawn from `generator` where given, as k-diffusion's noise samplers do)."""
-    if not x.is_contiguous() or not _fast(x.numel(), generator, x.dtype, x.device, x.layout):
-        return torch.randn_like(x) if generator is None else \
-            torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device, layout=x.layout)
-    return _draw_into(memory.empty(x.shape, torch.float32), generator)
+    """``torch.randn_like(x)`` (drawn from `generator` where given, as k-diffusion's noise samplers do); for
+    a CPU `x` also diffusers' ``randn_tensor(x.shape, generator, x.device, x.dtype)`` (the drop-ins' per-step
+    draw: the checks written out for a tensor, ~2 us where ``_fast`` takes ~4)."""
+    if (x.is_cpu and x.dtype == torch.float32 and x.layout == torch.strided and x.is_contiguous() and x.numel() >= 16
+            and (generator is None or isinstance(generator, torch.Generator) and generator.device.type == "cpu")
+            and not torch.compiler.is_compiling() and _kernel() is not None):
+        return _draw_into(memory.empty(x.shape, torch.float32), generator)
+    return torch.randn_like(x) if generator is None else \
+        torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device, layout=x.layout)
 
 
 def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None) -> torch.Tensor:

@@ -27,6 +27,7 @@ from fastdiff.plan import Plan
 
 _TABLE_ORDER = ("offset", "component", "delta_table", "var_table")
 _TABLES, _NO_TABLES = frozenset(_TABLE_ORDER), (None, None, None, None)
+_RINGS = (type(None), list, tuple)  # m: the ring's slots (None) or the caller's
 
 
 class Stepper:
@@ -108,14 +109,14 @@ class Stepper:
         """
         plan = self.plan if plan is None else plan
         lane_key = None
-        if (row is None or type(row) is int) and rows is None and out is None and m is None and advance \
-                and noise_step is None and not tables and not torch.compiler.is_compiling():  # a step of a run
+        if (row is None or type(row) is int) and rows is None and out is None and advance and noise_step is None \
+                and not tables and type(m) in _RINGS and not torch.compiler.is_compiling():  # a step of a run
             e = e if type(e) is list else list(e) if isinstance(e, tuple) else [e]
             lane_key = (id(plan), len(e), e_uncond is not None, noise is not None, seeds is not None,
-                        len(self._history), self._x_last is not None)
+                        len(self._history) if m is None else -1 - len(m), self._x_last is not None)
             lane = self._lanes.get(lane_key)
             if lane is not None:
-                results = self._run_lane(lane, plan, x, e, e_uncond, noise, seeds, row)
+                results = self._run_lane(lane, plan, x, e, e_uncond, noise, seeds, row, m)
                 if results is not None:
                     return results
         if tables and not _TABLES.issuperset(tables):
@@ -163,7 +164,7 @@ class Stepper:
         if not advance:
             return results
         if lane_key is not None and x is not None and not plan.per_sample:
-            self._add_lane(lane_key, plan, coef, e, e_uncond, noise, seeds)
+            self._add_lane(lane_key, plan, coef, e, e_uncond, noise, seeds, self._history if m is None else list(m))
         return self._advance(plan, results)
 
     def _outs(self, plan: Plan, like: torch.Tensor, out: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -198,23 +199,28 @@ class Stepper:
     # What the checked way checks per step stays: the row exists, its history slots are there, noise comes
     # where it draws noise, the backend is the one the kind was made for. Anything else takes the checked way.
 
-    def _add_lane(self, key: tuple, plan: Plan, coef, e, e_uncond, noise, seeds) -> None:
+    def _add_lane(self, key: tuple, plan: Plan, coef, e, e_uncond, noise, seeds, ring: list) -> None:
         backend = self.backend or forced_backend()
-        call = kind_call(coef, e, e_uncond, self._history, self._x_last, noise, seeds, plan.clamp,
-                         len(plan.outputs), backend)
+        call = kind_call(coef, e, e_uncond, ring, self._x_last, noise, seeds, plan.clamp, len(plan.outputs), backend)
         if call is not None:
             if len(self._lanes) >= 64:
                 self._lanes.clear()
             self._lanes[key] = (plan, call, coef, backend)  # the plan kept alive with its key: its id stays its own
 
-    def _run_lane(self, lane: tuple, plan: Plan, x, e: list, e_uncond, noise, seeds, row) -> tuple | None:
+    def _run_lane(self, lane: tuple, plan: Plan, x, e: list, e_uncond, noise, seeds, row, m) -> tuple | None:
         lane_plan, call, coef, backend = lane
         r = self.index if row is None else row
-        if (lane_plan is not plan or not -plan.steps <= r < plan.steps or plan.history_reads[r] > len(self._history)
+        if m is not None:
+            ring = list(m)  # the caller's slots (as the checked way: their reads are the caller's to provide)
+        else:
+            ring = self._history
+            if -plan.steps <= r < plan.steps and plan.history_reads[r] > len(ring):
+                return None
+        if (lane_plan is not plan or not -plan.steps <= r < plan.steps
                 or (noise is None and seeds is None and plan.noise_rows[r])
                 or backend != (self.backend or forced_backend())):
             return None
         outs = self._outs(plan, x) if plan.keeps else None
-        results = call(coef, x, e, e_uncond, self._history, self._x_last, r, noise, seeds, self.index, DOMAIN_STEP,
+        results = call(coef, x, e, e_uncond, ring, self._x_last, r, noise, seeds, self.index, DOMAIN_STEP,
                        outs, None, None, None, None, None, torch.is_grad_enabled())
         return None if results is None else self._advance(plan, results)

@@ -304,3 +304,22 @@ def test_lanes_refuse_what_the_checked_way_refuses():
         assert torch.equal(y, x + (0.5 if r == 3 else 0.0) * noise)
     with pytest.raises(ValueError, match=r"step 4 is past the end of the plan \(4 steps\)"):
         stepper.step(x, noise=noise, row=4)
+
+
+def test_slots_given_by_the_caller_take_a_lane_too(monkeypatch):
+    """Heun's second call names its slots (``m=``): after the kind is validated its steps skip the checks,
+    each equal to the recurrence; a slot of another dtype is refused by name, as the checked way refuses it."""
+    require_backend("cpu")
+    calls = counting_validate(monkeypatch)
+    plan = kit.plan("two slots", outputs={"x": X + 0.5 * M0 - 0.25 * M1}, rows=(6,))
+    stepper, g = Stepper(plan, backend="cpu"), torch.Generator().manual_seed(1)
+    x = torch.randn(3, 40, generator=g)
+    for s in range(6):
+        m = [torch.randn(3, 40, generator=g) for _ in range(2)]
+        before = len(calls)
+        (y,) = stepper.step(x, m=m)
+        assert (len(calls) > before) == (s < 2), f"step {s}"
+        assert_close(y, x + 0.5 * m[0] - 0.25 * m[1], atol=1e-6, rtol=1e-6, what=f"step {s}")
+    stepper.reset(0)
+    with pytest.raises(TypeError, match=r"m\[1\] must have dtype torch.float32, got torch.float64"):
+        stepper.step(x, m=[m[0], m[1].double()])
