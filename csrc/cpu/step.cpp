@@ -2,9 +2,10 @@
 // sample's plan row onto linear terms (linear_terms, fastdiff/step.cuh) and makes one pass over its
 // elements, 32 at a time (16 where the outputs stream to memory): their sums (x0, the outputs) stay in
 // registers while every term is loaded and added (x0 += a*v, out_k += c_k*v, a product only where the
-// weight is not 0), then the clamped x0 term and the stores (streaming stores for outputs too big for the cache). Every tensor crosses memory
-// once and nothing is staged in between, given noise scaled by a gathered std (DDIM-GMM) included. In-kernel
-// Philox noise is made a block of 256 at a time first, in vectorised stages, and read as one more term.
+// weight is not 0), then the clamped x0 term and the stores (streaming stores for outputs too big for
+// the cache). Every tensor crosses memory once and nothing is staged in between, given noise scaled by a
+// gathered std (DDIM-GMM) included. In-kernel Philox noise is made a block of 256 at a time first, in
+// vectorised stages, and read as one more term.
 // Portable build: the loops are compiled for baseline x86-64, x86-64-v3 (AVX2/FMA) and x86-64-v4
 // (AVX-512), picked at run time (GCC target_clones), as numpy does.
 #include <algorithm>
