@@ -56,13 +56,18 @@ def _refuse(why: str):
     return None
 
 
+def cpu_generator(generator) -> bool:
+    """Whether `generator` draws on the CPU: None (torch's default generator) or a CPU torch.Generator."""
+    return generator is None or isinstance(generator, torch.Generator) and generator.device.type == "cpu"
+
+
 def _fast(numel: int, generator, dtype, device, layout) -> bool:
     return (not torch.compiler.is_compiling()
             and numel >= 16
             and (dtype or torch.get_default_dtype()) == torch.float32
             and (device is None or torch.device(device).type == "cpu")
             and layout in (None, torch.strided)
-            and (generator is None or isinstance(generator, torch.Generator) and generator.device.type == "cpu")
+            and cpu_generator(generator)
             and _kernel() is not None)
 
 
@@ -85,11 +90,9 @@ def randn(*size, generator=None, dtype=None, device=None, layout=None) -> torch.
 
 def randn_like(x: torch.Tensor, generator=None) -> torch.Tensor:
     """``torch.randn_like(x)`` (drawn from `generator` where given, as k-diffusion's noise samplers do); for
-    a CPU `x` also diffusers' ``randn_tensor(x.shape, generator, x.device, x.dtype)`` (the drop-ins' per-step
-    draw: the checks written out for a tensor, ~2 us where ``_fast`` takes ~4)."""
-    if (x.is_cpu and x.dtype == torch.float32 and x.layout == torch.strided and x.is_contiguous() and x.numel() >= 16
-            and (generator is None or isinstance(generator, torch.Generator) and generator.device.type == "cpu")
-            and not torch.compiler.is_compiling() and _kernel() is not None):
+    a contiguous CPU `x` and a CPU generator also diffusers' ``randn_tensor(x.shape, generator, x.device,
+    x.dtype)`` (the drop-ins' per-step draw; `x` being on the CPU is read off the tensor, not a device)."""
+    if x.is_cpu and x.is_contiguous() and _fast(x.numel(), generator, x.dtype, None, x.layout):
         return _draw_into(memory.empty(x.shape, torch.float32), generator)
     return torch.randn_like(x) if generator is None else \
         torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device, layout=x.layout)

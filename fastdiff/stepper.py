@@ -205,21 +205,20 @@ class Stepper:
         if call is not None:
             if len(self._lanes) >= 64:
                 self._lanes.clear()
-            self._lanes[key] = (plan, call, coef, backend)  # the plan kept alive with its key: its id stays its own
+            self._lanes[key] = (plan, call, coef, backend)  # the plan kept with its key: its id is no other plan's
 
     def _run_lane(self, lane: tuple, plan: Plan, x, e: list, e_uncond, noise, seeds, row, m) -> tuple | None:
-        lane_plan, call, coef, backend = lane
+        _, call, coef, backend = lane
         r = self.index if row is None else row
+        if (not -plan.steps <= r < plan.steps or (noise is None and seeds is None and plan.noise_rows[r])
+                or backend != (self.backend or forced_backend())):
+            return None
         if m is not None:
             ring = list(m)  # the caller's slots (as the checked way: their reads are the caller's to provide)
         else:
             ring = self._history
-            if -plan.steps <= r < plan.steps and plan.history_reads[r] > len(ring):
+            if plan.history_reads[r] > len(ring):
                 return None
-        if (lane_plan is not plan or not -plan.steps <= r < plan.steps
-                or (noise is None and seeds is None and plan.noise_rows[r])
-                or backend != (self.backend or forced_backend())):
-            return None
         outs = self._outs(plan, x) if plan.keeps else None
         results = call(coef, x, e, e_uncond, ring, self._x_last, r, noise, seeds, self.index, DOMAIN_STEP,
                        outs, None, None, None, None, None, torch.is_grad_enabled())

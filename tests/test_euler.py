@@ -284,6 +284,30 @@ def test_odd_shape_and_strided_inputs(backend):
         assert_close(got[-1], want[-1], atol=1e-5, rtol=1e-5, what=f"{family} {backend} odd shape")
 
 
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_default_generator_noise_with_a_channels_last_model_output(channels_last):
+    """No generator (torch's default one, seeded by torch.manual_seed as pipelines do) and a model that
+    returns channels_last outputs: the noise is drawn as diffusers draws it (contiguous, in the default
+    generator's order), so the samples and the default generator's state after the run equal diffusers'."""
+    x = torch.randn(2, 4, 6, 10, generator=torch.Generator().manual_seed(5))
+    runs = []
+    for cls in CLASSES[ANCESTRAL]:
+        s = cls()
+        s.set_timesteps(6)
+        torch.manual_seed(11)
+        y = x * s.init_noise_sigma
+        for t in s.timesteps:
+            e = model(s.scale_model_input(y, t), t)
+            if channels_last:
+                e = e.contiguous(memory_format=torch.channels_last)
+                assert not e.is_contiguous()
+            y = s.step(e, t, y).prev_sample
+        runs.append((y, torch.random.get_rng_state()))
+    (want, state), (got, got_state) = runs
+    assert_close(got, want, atol=1e-5, rtol=1e-5, what=f"channels_last={channels_last}")
+    assert torch.equal(got_state, state)
+
 def test_float64_and_mixed_dtypes_like_diffusers(monkeypatch):
     """float64 runs in float64: equal to diffusers run in float64 throughout (its Euler steps round the
     sample to fp32 on the way; not here); an fp16 model output with an fp32 sample gives diffusers'

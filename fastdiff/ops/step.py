@@ -25,17 +25,17 @@ __all__ = ["StepArgs", "kind_call", "native_args", "reference_outputs", "run", "
 
 
 class _Signature:
-    """What one kind of call fixes, found valid by ``validate`` once: its plan table (at that version),
-    the inputs' size, dtype and device, which terms come (``flags``), the shapes of the per-sample
-    vectors and tables, and the backend's launcher. ``call`` (generated for the kind) then checks a later
-    call's tensors against it and launches, with everything else baked in."""
+    """What one kind of call fixes, found valid by ``validate`` once (the kind - which terms come - is its
+    key in ``_SIGNATURES``): its plan table (at that version), the inputs' size, dtype and device, the
+    shapes of the per-sample vectors and tables, and the backend's launcher. ``call`` (generated for the
+    kind) then checks a later call's tensors against it and launches, with everything else baked in."""
 
-    __slots__ = ("coef", "version", "rows", "flags", "size", "dtype", "device", "rows_len", "tables", "table_rows",
-                 "pooled", "call")
+    __slots__ = ("coef", "version", "rows", "size", "dtype", "device", "rows_len", "tables", "table_rows", "pooled",
+                 "call")
 
-    def __init__(self, a: StepArgs, backend: str, flags: tuple):
+    def __init__(self, a: StepArgs, backend: str):
         self.coef, self.version, self.rows = weakref.ref(a.coef), a.coef._version, a.coef.shape[0]
-        self.flags, self.size, self.dtype, self.device = flags, torch.Size(a.shape), a.dtype, a.device
+        self.size, self.dtype, self.device = torch.Size(a.shape), a.dtype, a.device
         self.pooled = a.device.type == "cpu" and a.batch * a.numel * a.dtype.itemsize >= memory.MIN_BYTES
         self.rows_len = None if a.rows is None else a.rows.shape[0]
         self.tables = tuple(None if t is None else t.shape for t in (a.delta_table, a.var_table))
@@ -96,8 +96,7 @@ def _make_call(sig: _Signature, template: tuple, a: StepArgs, launch):
     for n in batch_like:
         lines += [f"if type({n}) is not T or {n}.shape != size or {n}.dtype != dtype or {n}.device != device "
                   f"or not {n}.is_contiguous():", "    return None"]
-    if batch_like:
-        lines += [f"if grad and ({' or '.join(f'{n}.requires_grad' for n in batch_like)}):", "    return None"]
+    lines += [f"if grad and ({' or '.join(f'{n}.requires_grad' for n in batch_like)}):", "    return None"]
     if a.seeds is not None:
         lines += ["if type(seeds) is not T or seeds.shape != B or seeds.dtype != int64 or seeds.device != device "
                   "or not seeds.is_contiguous():", "    return None"]
@@ -420,5 +419,5 @@ def step_positional(coef, x, e: list, e_uncond, m: list, x_last, row, rows, offs
         else:
             if len(_SIGNATURES) >= 64:
                 _SIGNATURES.clear()
-            _SIGNATURES[key] = _Signature(a, backends.choose(a.device, backend), flags)
+            _SIGNATURES[key] = _Signature(a, backends.choose(a.device, backend))
     return result

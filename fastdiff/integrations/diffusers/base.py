@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fastdiff import ops, philox
-from fastdiff.noise import randn_like, randn_tensor
+from fastdiff.noise import cpu_generator, randn_like, randn_tensor
 from fastdiff.plan import Plan
 from fastdiff.samplers.forward import q_sample_plan, velocity_plan
 from fastdiff.stepper import Stepper
@@ -255,8 +255,7 @@ class FastSchedulerMixin:
         seeds = self._seeds if seeds is None else philox.check_seeds(seeds)
         if seeds is not None:
             return None, self._seed_tensor(seeds, like.shape[0], like.device)
-        if like.dtype == torch.float32 and like.is_cpu and like.is_contiguous() and (
-                generator is None or isinstance(generator, torch.Generator) and generator.device.type == "cpu"):
+        if like.dtype == torch.float32 and like.is_cpu and like.is_contiguous() and cpu_generator(generator):
             z = randn_like(like, generator)  # = randn_tensor(like.shape, generator, like.device, like.dtype) here
         else:
             z = randn_tensor(like.shape, generator=generator, device=like.device, dtype=like.dtype)
