@@ -1,9 +1,9 @@
 // CPU (OpenMP) launchers of the Gaussian-mixture kernels (the math: fastdiff/gmm.cuh).
 //
 // gmm_noise: tasks of 4096 elements of one sample (per element in chunk-major order, so that the [K, D]
-// tables' columns of a chunk are read from memory once for all samples), worked 256 at a time: the block's components (given,
-// or drawn: per element from the Philox words of the block's 64 groups, computed round by round across
-// groups so that the loop vectorises; per channel / sample once per draw), its normals (philox_lanes), then
+// tables' columns of a chunk are read from memory once for all samples), worked 256 at a time: the
+// block's components (given, or drawn: per element from the Philox words of the block's 64 groups,
+// philox_block.h; per channel / sample once per draw), its normals (philox_block_normals), then
 // x = mu_k + s_k * z and the ids in one pass, which also reads the given draws (ids, normals).
 // gmm_score: one sample row per task: K reductions over D in 16 lanes, the stable log-sum-exp, then the
 // weighted score accumulated over components in a row buffer; every row is independent of the batch.
@@ -18,6 +18,7 @@
 #include "fastdiff/step.cuh"
 
 #include "parallel.h"
+#include "philox_block.h"
 #include "streaming.h"
 #include "target_clones.h"
 
@@ -25,35 +26,22 @@ namespace fastdiff {
 namespace cpu {
 namespace {
 
-constexpr int kBlock = 256;              // elements drawn at a time
+constexpr int kBlock = kNoiseBlock;      // elements drawn at a time
 constexpr int64_t kChunk = 4096;         // elements per gmm_noise task
 constexpr int64_t kParallelMin = 32768;  // work (elements x components) below which one thread runs
 constexpr int kLanes = 16;               // reduction lanes of gmm_score
 constexpr int64_t kStreamMin = int64_t(16) << 20;  // output bytes from which stores bypass the caches
 
 // The component uniforms of elements [b, b + kBlock) of a sample (b a multiple of 4): the Philox words of
-// their groups in DOMAIN_CATEGORICAL, round by round over structure-of-arrays counters (philox_round).
+// their groups in DOMAIN_CATEGORICAL (philox_block_words).
 FD_INLINE void uniform_lanes(uint64_t seed, int64_t b, uint32_t step, float (&u)[kBlock]) {
-  constexpr int G = kBlock / 4;
-  uint32_t c0[G], c1[G], c2[G], c3[G];
-  for (int g = 0; g < G; ++g) {
-    const uint64_t gi = uint64_t(b / 4 + g);
-    c0[g] = uint32_t(gi);
-    c1[g] = uint32_t(gi >> 32);
-    c2[g] = step;
-    c3[g] = kDomainCategorical;
-  }
-  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
-  for (int r = 0; r < 10; ++r) {
-    for (int g = 0; g < G; ++g) philox_round(c0[g], c1[g], c2[g], c3[g], k0, k1);
-    k0 += kPhiloxW0;
-    k1 += kPhiloxW1;
-  }
-  for (int g = 0; g < G; ++g) {
-    u[4 * g] = uniform_open(c0[g]);
-    u[4 * g + 1] = uniform_open(c1[g]);
-    u[4 * g + 2] = uniform_open(c2[g]);
-    u[4 * g + 3] = uniform_open(c3[g]);
+  PhiloxBlock w;
+  philox_block_words(seed, b, step, kDomainCategorical, w);
+  for (int g = 0; g < kNoiseGroups; ++g) {
+    u[4 * g] = uniform_open(w.c0[g]);
+    u[4 * g + 1] = uniform_open(w.c1[g]);
+    u[4 * g + 2] = uniform_open(w.c2[g]);
+    u[4 * g + 3] = uniform_open(w.c3[g]);
   }
 }
 
@@ -179,7 +167,7 @@ FD_INLINE int64_t noise_chunk(const GmmNoiseParams& p, int64_t n, int64_t i0, in
       affine_with(uniform, k_draw, ids, k, mrow, srow, mu, md, sd, sdd, kk, z, len, x, bad);
     } else {
       float z[kBlock];
-      philox_lanes<kBlock>(seed, b, step, kDomainTrain, z);
+      philox_block_normals(seed, b, step, kDomainTrain, z);
       affine_with(uniform, k_draw, ids, k, mrow, srow, mu, md, sd, sdd, kk, z, len, x, bad);
     }
     put(out + b, x, len * sizeof(T), nt);

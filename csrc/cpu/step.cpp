@@ -4,8 +4,8 @@
 // registers while every term is loaded and added (x0 += a*v, out_k += c_k*v, a product only where the
 // weight is not 0), then the clamped x0 term and the stores (streaming stores for outputs too big for
 // the cache). Every tensor crosses memory once and nothing is staged in between, given noise scaled by a
-// gathered std (DDIM-GMM) included. In-kernel Philox noise is made a block of 256 at a time first, in
-// vectorised stages, and read as one more term.
+// gathered std (DDIM-GMM) included. In-kernel Philox noise is made a block of 256 at a time first
+// (philox_block.h: the rounds in AVX2, the normals in vectorised stages), and read as one more term.
 // Portable build: the loops are compiled for baseline x86-64, x86-64-v3 (AVX2/FMA) and x86-64-v4
 // (AVX-512), picked at run time (GCC target_clones), as numpy does.
 #include <algorithm>
@@ -16,6 +16,7 @@
 #include "fastdiff/step.cuh"
 
 #include "parallel.h"
+#include "philox_block.h"
 #include "streaming.h"
 #include "target_clones.h"
 #include "vec8.h"
@@ -24,7 +25,7 @@ namespace fastdiff {
 namespace cpu {
 namespace {
 
-constexpr int kBlock = 256;    // elements whose Philox noise is made at a time
+constexpr int kBlock = kNoiseBlock;  // elements whose Philox noise is made at a time
 constexpr int kChunk = 4096;   // elements per task
 constexpr int64_t kParallelMin = 32768;  // elements below which one thread does the step
 
@@ -179,7 +180,7 @@ FD_INLINE void step_chunk(const StepParams& p, int64_t n, int64_t i0, int64_t i1
   for (int64_t b = i0; b < i1; b += kBlock) {  // in-kernel noise first, a block at a time (vectorised stages)
     const int len = int(std::min<int64_t>(kBlock, i1 - b));
     alignas(64) float z[kBlock];
-    philox_lanes<kBlock>(s.seed, b, uint32_t(p.noise_step), uint32_t(p.noise_domain), z);
+    philox_block_normals(s.seed, b, uint32_t(p.noise_step), uint32_t(p.noise_domain), z);
     scale_by_std<kBlock>(z, s.var ? s.var + b : nullptr, s.var_total, len);
     step_block<T, NOUT, U>(s, z, out, b, len, nt);
   }

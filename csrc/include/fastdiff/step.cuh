@@ -174,15 +174,13 @@ FD_HD FD_INLINE V clampf(V v, float lo, float hi) {
   return v > hi ? hi : v;
 }
 
-// In-kernel noise for elements [i0, i0 + N) of a sample, i0 a multiple of 4: philox_normal4 of each group,
-// computed stage by stage over structure-of-arrays counters (the rounds, then Box-Muller), so that a CPU
-// compiler vectorises every stage across groups; the same operations in the same order, so the same numbers.
-template <int N>
-FD_HD FD_INLINE void philox_lanes(uint64_t seed, int64_t i0, uint32_t step, uint32_t domain, float (&z)[N]) {
-  static_assert(N % 4 == 0, "noise lanes come in groups of 4");
-  constexpr int G = N / 4;
-  uint32_t c0[G], c1[G], c2[G], c3[G];
-  const uint64_t g0 = uint64_t(i0 / 4);
+// The Philox words of groups g0 .. g0 + G - 1 (elements 4 g0 .. 4 (g0 + G) - 1 of a sample) for this seed,
+// step and domain: the counters, then the ten rounds stage by stage over structure-of-arrays counters, so
+// that a CPU compiler vectorises each stage across groups (the CPU kernels take an AVX2 version of the
+// rounds where the CPU has it: csrc/cpu/philox_block.cpp; integer arithmetic, so the same words).
+template <int G>
+FD_HD FD_INLINE void philox_words(uint64_t seed, uint64_t g0, uint32_t step, uint32_t domain, uint32_t (&c0)[G],
+                                  uint32_t (&c1)[G], uint32_t (&c2)[G], uint32_t (&c3)[G]) {
   FD_UNROLL
   for (int g = 0; g < G; ++g) {
     c0[g] = uint32_t(g0 + g);
@@ -198,6 +196,13 @@ FD_HD FD_INLINE void philox_lanes(uint64_t seed, int64_t i0, uint32_t step, uint
     k0 += kPhiloxW0;
     k1 += kPhiloxW1;
   }
+}
+
+// Box-Muller of G groups' words, stage by stage (vectorised across groups on a CPU): element 4g + j of z
+// from group g, as philox_normal4 makes it.
+template <int G>
+FD_HD FD_INLINE void normals_of_words(const uint32_t (&c0)[G], const uint32_t (&c1)[G], const uint32_t (&c2)[G],
+                                      const uint32_t (&c3)[G], float (&z)[4 * G]) {
   float z0[G], z1[G], z2[G], z3[G];
   FD_UNROLL
   for (int g = 0; g < G; ++g) box_muller(c0[g], c1[g], z0[g], z1[g]);
@@ -210,6 +215,18 @@ FD_HD FD_INLINE void philox_lanes(uint64_t seed, int64_t i0, uint32_t step, uint
     z[4 * g + 2] = z2[g];
     z[4 * g + 3] = z3[g];
   }
+}
+
+// In-kernel noise for elements [i0, i0 + N) of a sample, i0 a multiple of 4: philox_normal4 of each group,
+// computed stage by stage (philox_words, normals_of_words); the same operations in the same order, so the
+// same numbers.
+template <int N>
+FD_HD FD_INLINE void philox_lanes(uint64_t seed, int64_t i0, uint32_t step, uint32_t domain, float (&z)[N]) {
+  static_assert(N % 4 == 0, "noise lanes come in groups of 4");
+  constexpr int G = N / 4;
+  uint32_t c0[G], c1[G], c2[G], c3[G];
+  philox_words<G>(seed, uint64_t(i0 / 4), step, domain, c0, c1, c2, c3);
+  normals_of_words<G>(c0, c1, c2, c3, z);
 }
 
 // z *= sqrt(max(VAR - var, 0)): the gathered component's std, clipped at 0 (Gabbur, App. A.5).
