@@ -1,4 +1,4 @@
-// The CPU kernels' in-kernel Philox noise (philox_block.h). The rounds are most of its cost: a compiler
+// The CPU kernels' in-kernel Philox noise (philox_block.h). The rounds were two thirds of its cost: a compiler
 // vectorising philox_round's 32 x 32 -> 64-bit products over structure-of-arrays counters shuffles every
 // product between 32- and 64-bit lanes (~2 ns a word with AVX2), so where the CPU has AVX2 they run here
 // on eight counters a register: vpmuludq on the even and the odd lanes, the high and low halves put back
