@@ -82,6 +82,21 @@ def test_component_frequencies_match_the_weights(draw):
     assert chi_square_p(k, mix.WEIGHTS) > 1e-4
 
 
+def test_seeded_component_draws_are_philox_inverse_cdf_draws():
+    """The fast native draw (the op's checks skipped) equals the inverse CDF of the Philox uniforms of
+    DOMAIN_CATEGORICAL, per sample and step; a list of seeds (not a tensor) and a strided seed tensor take the
+    checked ways and draw the same; weights that are not a distribution are refused by name."""
+    seeds = philox.sample_seeds(11, 6)
+    u = philox.uniform(seeds, 40, step=9, domain=philox.DOMAIN_CATEGORICAL)
+    want = philox.categorical(u, torch.tensor(mix.WEIGHTS, dtype=torch.float32))
+    assert torch.equal(mix.draw_components(mix.WEIGHTS, 6, 40, seeds=seeds, step=9), want)
+    strided = torch.stack([seeds, seeds], 1)[:, 0]
+    assert not strided.is_contiguous()
+    assert torch.equal(mix.draw_components(mix.WEIGHTS, 6, 40, seeds=strided, step=9), want)
+    with pytest.raises(ValueError, match="weights.*summing to 1"):
+        mix.draw_components([0.5, 0.6], 6, 1, seeds=seeds)
+
+
 @pytest.mark.parametrize("strategy", ["original", "removal_mu"])
 def test_plain_strategies_step_as_diffusers_ddpm(strategy):
     """original and removal_mu change only x_T: their steps are diffusers' DDPM steps (same generator noise)."""

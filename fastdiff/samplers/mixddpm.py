@@ -88,9 +88,9 @@ def draw_components(weights, batch: int, n: int, *, generator=None, seeds=None, 
     int64) are given - in one ``ops.gmm_noise`` call where it can take them, the same draws -, else of
     ``torch.rand`` uniforms from `generator` (the default generator when None)."""
     if seeds is not None:
-        unit = _unit_mixture(weights, seeds, device)
+        unit = _unit_mixture(weights, seeds, batch, device)
         if unit is not None:  # the draws alone, in one native call: gmm_noise's ids (the same contract)
-            return ops.gmm_noise(*unit, (batch, n), per="element", seeds=seeds, step=step)[1]
+            return ops.gmm.draw_ids(*unit, seeds, n, step)
         u = philox.uniform(seeds, n, step=step, domain=philox.DOMAIN_CATEGORICAL, device=device)
     else:
         gen_device = generator.device if generator is not None else "cpu"
@@ -101,24 +101,27 @@ def draw_components(weights, batch: int, n: int, *, generator=None, seeds=None, 
 _UNITS: dict = {}  # (weights, device) -> gmm_noise's (weights, means 0, stds 1) on the device
 
 
-def _unit_mixture(weights, seeds, device):
-    """``ops.gmm_noise``'s mixture arguments for drawing components from host `weights` with `seeds` (a
-    ``[B]`` int64 tensor) on `device`; None where that op cannot take them (weights on a device, seeds not a
-    tensor there, or while torch.compile traces: inductor fuses that path), and the caller draws through
-    ``philox.uniform`` + ``philox.categorical`` instead."""
+def _unit_mixture(weights, seeds, batch: int, device):
+    """``ops.gmm.draw_ids``' mixture arguments for drawing components from host `weights` with `seeds` on
+    `device`: the weights checked once (a distribution), then kept. None where that op cannot take them
+    (weights on a device, seeds not a contiguous ``[batch]`` int64 tensor there, or while torch.compile
+    traces: inductor fuses that path), and the caller draws through ``philox.uniform`` +
+    ``philox.categorical`` instead."""
     if torch.compiler.is_compiling():
         return None
     device = torch.device(device) if device is not None else getattr(seeds, "device", None)
     if (not isinstance(seeds, torch.Tensor) or seeds.device != device or seeds.dtype != torch.int64
+            or seeds.shape != (batch,) or not seeds.is_contiguous()
             or (isinstance(weights, torch.Tensor) and weights.device.type != "cpu")):
         return None
     key = (philox.host_weights(weights), device)
     unit = _UNITS.get(key)
     if unit is None:
+        w = check_weights(key[0], None, "weights")
         if len(_UNITS) > 64:
             _UNITS.clear()
-        K = len(key[0])
-        unit = _UNITS[key] = (torch.tensor(key[0], dtype=torch.float64, device=device),
+        K = len(w)
+        unit = _UNITS[key] = (torch.tensor(w, dtype=torch.float64, device=device),
                               torch.zeros(K, 1, device=device), torch.ones(K, 1, device=device))
     return unit
 
