@@ -6,7 +6,7 @@ allocation and hands them back to the system on free once enough is free at the 
 sampling loop that allocates the next sample, the data prediction and the noise every step pays a page
 fault and a zeroing for every 4 KiB it writes - at 16x4x256x256 more time than the step itself.
 
-fastdiff's CPU steps and noise draws take their outputs from here instead. Per shape and dtype up to
+fastdiff's CPU steps, noise draws and GMM ops take their outputs from here instead. Per shape and dtype up to
 ``BLOCKS_PER_SIZE`` blocks are kept (when all are held, the longest-held is forgotten: its holder keeps
 it), and a block is handed out again only once nothing holds it: no tensor or view (its storage's
 reference count is the cache's own) and no Python object of its storage (torch keeps one per storage,

@@ -97,6 +97,33 @@ def test_drop_in_loop_reuses_blocks_and_its_samples_are_distinct():
     assert memory.cached_bytes() - before <= memory.BLOCKS_PER_SIZE * x.numel() * 4
 
 
+def test_gmm_outputs_are_reused_only_once_dropped():
+    """gmm_noise's x and ids and gmm_score's score come from the cache: a held draw keeps its values while
+    more are drawn (each equal to its own fresh draw), and a dropped one's blocks come back."""
+    from fastdiff import philox
+    from fastdiff.ops import gmm_noise, gmm_score
+    K, D = 4, 4 * 128 * 128
+    w = torch.full((K,), 1.0 / K, dtype=torch.float64)
+    mu, sd = torch.randn(K, D), torch.rand(K, D) + 0.5
+    seeds = philox.sample_seeds(3, 4)
+    draw = lambda step: gmm_noise(w, mu, sd, BIG, per="element", seeds=seeds, step=step, backend="cpu")  # noqa: E731
+    first = draw(1)
+    want = [t.clone() for t in first]
+    second = draw(2)
+    assert ptr(second[0]) != ptr(first[0]) and ptr(second[1]) != ptr(first[1])
+    assert torch.equal(first[0], want[0]) and torch.equal(first[1], want[1])
+    assert not torch.equal(second[0], first[0])
+    held = ptr(first[0]), ptr(first[1])
+    del first
+    gc.collect()
+    again = draw(1)
+    assert (ptr(again[0]), ptr(again[1])) == held
+    assert torch.equal(again[0], want[0]) and torch.equal(again[1], want[1])
+    score = gmm_score(again[0], w, mu, sd, backend="cpu")
+    score2 = gmm_score(second[0], w, mu, sd, backend="cpu")
+    assert ptr(score) != ptr(score2) and not torch.equal(score, score2)
+
+
 def test_blocks_held_for_good_are_forgotten():
     """A shape whose blocks are all held elsewhere (a long-lived history buffer) still gets cached blocks:
     the longest-held ones drop out of the cache (their holders keep them), new ones take their place."""

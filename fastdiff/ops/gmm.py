@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from fastdiff import backends, philox
+from fastdiff import backends, memory, philox
 from fastdiff.ops.common import DTYPE_CODE, needs_reference, ptr
 from fastdiff.ops.gmm_args import PREPARED, NoiseArgs, check_range, float_tensor, validate_noise, validate_score
 from fastdiff.reference import gmm as ref
@@ -74,9 +74,8 @@ def _run_noise(a: NoiseArgs, backend: str | None) -> tuple[torch.Tensor, torch.T
                 check_range("gmm_noise", a.component, a.weights.shape[0])
             x, ids = _noise_reference(a)
         else:
-            x = torch.empty(a.batch, a.numel, dtype=a.dtype, device=a.device)
-            ids = None if a.component is not None else torch.empty(a.batch, a.n_draws, dtype=torch.int64,
-                                                                   device=a.device)
+            x = memory.empty((a.batch, a.numel), a.dtype, a.device)  # reused blocks: no fresh pages
+            ids = None if a.component is not None else memory.empty((a.batch, a.n_draws), torch.int64, a.device)
             _noise_native(a, x, ids, name)
     return x.reshape(a.shape), None if a.component is not None else ids.reshape(a.ids_shape())
 
@@ -170,7 +169,7 @@ def _score_native(x2, w, mu, s, name: str):
     B, D = x2.shape
     K = w.shape[0]
     mu_d, inv_std, log_coef = PREPARED.get((w, mu, s), D, lambda: _score_tables(w, mu, s, D))
-    score = torch.empty_like(x2)
+    score = memory.empty(x2.shape, x2.dtype, x2.device)
     lp = torch.empty(B, dtype=torch.float32, device=x2.device)
     if name == "triton":
         _triton().score(x2, mu_d, inv_std, log_coef, score, lp)
