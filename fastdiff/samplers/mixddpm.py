@@ -85,7 +85,7 @@ def draw_components(weights, batch: int, n: int, *, generator=None, seeds=None, 
                     device=None) -> torch.Tensor:
     """``[batch, n]`` int64 categorical draws from `weights` (rounded to float32): inverse CDF
     (``philox.categorical``) of per-sample Philox uniforms of (step, DOMAIN_CATEGORICAL) when `seeds` (``[batch]``
-    int64) are given - in one ``ops.gmm_noise`` call where it can take them, the same draws -, else of
+    int64) are given - in one native draw where it can take them (``ops.gmm.draw_ids``, gmm_noise's) -, else of
     ``torch.rand`` uniforms from `generator` (the default generator when None)."""
     if seeds is not None:
         unit = _unit_mixture(weights, seeds, batch, device)
