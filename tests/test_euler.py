@@ -284,7 +284,6 @@ def test_odd_shape_and_strided_inputs(backend):
         assert_close(got[-1], want[-1], atol=1e-5, rtol=1e-5, what=f"{family} {backend} odd shape")
 
 
-
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_default_generator_noise_with_a_channels_last_model_output(channels_last):
     """No generator (torch's default one, seeded by torch.manual_seed as pipelines do) and a model that
@@ -307,6 +306,7 @@ def test_default_generator_noise_with_a_channels_last_model_output(channels_last
     (want, state), (got, got_state) = runs
     assert_close(got, want, atol=1e-5, rtol=1e-5, what=f"channels_last={channels_last}")
     assert torch.equal(got_state, state)
+
 
 def test_float64_and_mixed_dtypes_like_diffusers(monkeypatch):
     """float64 runs in float64: equal to diffusers run in float64 throughout (its Euler steps round the

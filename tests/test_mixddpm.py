@@ -93,6 +93,7 @@ def test_seeded_component_draws_are_philox_inverse_cdf_draws():
     strided = torch.stack([seeds, seeds], 1)[:, 0]
     assert not strided.is_contiguous()
     assert torch.equal(mix.draw_components(mix.WEIGHTS, 6, 40, seeds=strided, step=9), want)
+    assert torch.equal(mix.draw_components(mix.WEIGHTS, 6, 40, seeds=seeds.tolist(), step=9), want)
     with pytest.raises(ValueError, match="weights.*summing to 1"):
         mix.draw_components([0.5, 0.6], 6, 1, seeds=seeds)
 

@@ -79,7 +79,7 @@ FD_CLONES void normals(const PhiloxBlock& w, float (&z)[kNoiseBlock]) {
 void philox_block_words(uint64_t seed, int64_t i0, uint32_t step, uint32_t domain, PhiloxBlock& w) {
   const uint64_t g0 = uint64_t(i0 / 4);
 #if defined(FD_PHILOX_AVX2)
-  if (has_avx2() && uint32_t(g0) <= 0xFFFFFFFFu - kNoiseGroups) return words_avx2(seed, g0, step, domain, w);
+  if (has_avx2() && uint32_t(g0) <= 0xFFFFFFFFu - (kNoiseGroups - 1)) return words_avx2(seed, g0, step, domain, w);
 #endif
   philox_words<kNoiseGroups>(seed, g0, step, domain, w.c0, w.c1, w.c2, w.c3);
 }

@@ -167,17 +167,25 @@ FD_INLINE void step_block(const LinearTerms& s, const float* z, T* const* out, i
   for (; j < len; ++j) step_at<float, 1, NOUT>(s, z, out, b, j, false);
 }
 
-// Elements [i0, i1) of sample n, U vectors a pass.
-template <typename T, int NOUT, int U>
-FD_INLINE void step_chunk(const StepParams& p, int64_t n, int64_t i0, int64_t i1, bool nt) {
+// Sample n's linear terms, from its plan row.
+FD_INLINE void sample_terms(const StepParams& p, int64_t n, LinearTerms& s) {
   float c[kNumCoef];
   const int64_t r = step_row(p, n);
   for (int j = 0; j < kNumCoef; ++j) c[j] = step_coef(p, r, j);
-  LinearTerms s;
   linear_terms(p, c, n, s);
+}
+
+// Whether a sample's step makes its Philox noise in the kernel (its row draws noise, no tensor is given).
+FD_INLINE bool makes_noise(const LinearTerms& s) { return s.z && !s.noise; }
+
+// Elements [i0, i1) of sample n, U vectors a pass.
+template <typename T, int NOUT, int U>
+FD_INLINE void step_chunk(const StepParams& p, int64_t n, int64_t i0, int64_t i1, bool nt) {
+  LinearTerms s;
+  sample_terms(p, n, s);
   T* out[kMaxOut] = {static_cast<T*>(p.out0) + n * p.numel, static_cast<T*>(p.out1) + n * p.numel,
                      static_cast<T*>(p.out2) + n * p.numel};
-  if (!s.z || s.noise) return step_block<T, NOUT, U>(s, nullptr, out, i0, int(i1 - i0), nt);
+  if (!makes_noise(s)) return step_block<T, NOUT, U>(s, nullptr, out, i0, int(i1 - i0), nt);
   for (int64_t b = i0; b < i1; b += kBlock) {  // in-kernel noise first, a block at a time (vectorised stages)
     const int len = int(std::min<int64_t>(kBlock, i1 - b));
     alignas(64) float z[kBlock];
@@ -218,15 +226,12 @@ FD_INLINE void run_chunks(const StepParams& p, int64_t c0, int64_t c1, bool nt) 
   if (nt) stream_fence();  // streaming stores are weakly ordered: visible before the step returns
 }
 
-// Whether the step makes Philox noise (its first sample's row draws noise and no tensor is given).
+// Whether the step makes Philox noise, as its first sample's does.
 bool makes_noise(const StepParams& p) {
-  if (!p.seeds || p.noise || p.batch == 0) return false;
-  float c[kNumCoef];
-  const int64_t r = step_row(p, 0);
-  for (int j = 0; j < kNumCoef; ++j) c[j] = step_coef(p, r, j);
+  if (!p.seeds || p.batch == 0) return false;
   LinearTerms s;
-  linear_terms(p, c, 0, s);
-  return s.z;
+  sample_terms(p, 0, s);
+  return makes_noise(s);
 }
 
 // One function per storage dtype and per where the outputs go (streamed to memory, or kept in cache): each
